@@ -1,0 +1,171 @@
+"""Hidden tests of Part 1: tensors, sigmoid, autograd, build_model."""
+
+import numpy as np
+import pytest
+import torch
+from gradelab.modelspec import layer
+
+from gradelab import plots
+from gradelab.modelspec import activations_between, linear_shapes
+from gradelab.testing import assert_tensor_close
+
+ARCHITECTURE = [(2, 2)] * 4
+
+
+def _scalar(value, name):
+    if type(value) is torch.Tensor and value.numel() == 1:
+        return value.item()
+    raise AssertionError(f"{name} should be a tensor holding one number, got {type(value).__name__}"
+                         + (f" of shape {tuple(value.shape)}" if type(value) is torch.Tensor else ""))
+
+
+@pytest.mark.question("q1_1")
+def test_x_y_z(student):
+    """y and z = x * y (x itself is reused later in the notebook)"""
+    assert _scalar(student.get("y"), "y") == 7, "y should hold 7"
+    assert _scalar(student.get("z"), "z") == 21, "z should be x * y = 3 * 7 = 21"
+
+
+@pytest.mark.question("q1_1")
+def test_matrix_and_vector(student):
+    """A (3x3) and b (3x1) drawn uniformly from [-1, 1]"""
+    A, b = student.get("A"), student.get("b")
+    for name, value, shape in (("A", A, (3, 3)), ("b", b, (3, 1))):
+        assert type(value) is torch.Tensor, f"{name} should be a tensor, got {type(value).__name__}"
+        assert tuple(value.shape) == shape, f"{name} has shape {tuple(value.shape)}, expected {shape}"
+    values = torch.cat([A.flatten(), b.flatten()]).to(torch.float64)
+    assert bool((values.abs() <= 1).all()), "A and b must lie in [-1, 1]"
+    assert bool((values < 0).any()), "no value of A or b is negative: was the range [0, 1] (uniform_'s default)?"
+
+
+@pytest.mark.question("q1_1")
+def test_c_is_Ab_plus_d(student):
+    """c = A @ b + d with d the column vector [1, 2, 3]"""
+    A, b, c, d = (student.get(n) for n in ("A", "b", "c", "d"))
+    d_values = np.asarray(d.numpy() if type(d) is torch.Tensor else d, dtype=np.float64)
+    assert d_values.shape == (3, 1), f"d has shape {d_values.shape}; a column vector has shape (3, 1)"
+    assert np.allclose(d_values.ravel(), [1, 2, 3]), "d should hold 1, 2, 3"
+    expected = A.to(torch.float64) @ b.to(torch.float64) + torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    assert_tensor_close(c, expected, "c", atol=1e-5)
+
+
+@pytest.mark.question("q1_2", weight=2)
+def test_sigmoid_values(student, rng):
+    """my_sigmoid on random inputs, including large ones"""
+    x = torch.cat([torch.randn(60, generator=rng, dtype=torch.float64) * 4,
+                   torch.tensor([-30.0, -12.5, 0.0, 12.5, 30.0], dtype=torch.float64)])
+    assert_tensor_close(student.call("my_sigmoid", x), torch.sigmoid(x), "my_sigmoid(x)", sample=x)
+
+
+@pytest.mark.question("q1_2")
+def test_sigmoid_keeps_shape_and_dtype(student, rng):
+    """my_sigmoid keeps the input's shape and dtype"""
+    x = torch.randn(3, 4, generator=rng)
+    got = student.call("my_sigmoid", x)
+    assert type(got) is torch.Tensor, f"my_sigmoid should return a torch.Tensor, got {type(got).__name__}"
+    assert got.shape == x.shape, f"my_sigmoid changed the shape {tuple(x.shape)} into {tuple(got.shape)}"
+    assert got.dtype == x.dtype, f"my_sigmoid turned a {x.dtype} tensor into {got.dtype}"
+
+
+@pytest.mark.question("q1_2", weight=2)
+def test_sigmoid_grad_from_activation(student, rng):
+    """my_sigmoid_grad(a) = a (1 - a)"""
+    a = torch.rand(50, generator=rng, dtype=torch.float64) * 0.98 + 0.01
+    got = student.call("my_sigmoid_grad", a)
+    if type(got) is torch.Tensor and got.shape == a.shape:
+        s = torch.sigmoid(a)
+        if torch.allclose(got.to(torch.float64), s * (1 - s)):
+            raise AssertionError("my_sigmoid_grad(a) applies the sigmoid again: it receives the activation "
+                                 "a = sigmoid(x), so the gradient is a * (1 - a)")
+    assert_tensor_close(got, a * (1 - a), "my_sigmoid_grad(a)", sample=a)
+
+
+@pytest.mark.question("q1_2")
+def test_activation_plot(find_figure):
+    """the activation and gradient plot shows the sigmoid and its derivative"""
+    fig = find_figure(grade_id="q1_2_plot")
+    x = np.linspace(-10, 10, 100)
+    s = 1 / (1 + np.exp(-x))
+    verdict = plots.check_line_plot(fig, {"the sigmoid": (x, s), "the sigmoid's gradient": (x, s * (1 - s))}, atol=1e-4)
+    assert verdict.ok, "; ".join(verdict.problems)
+
+
+@pytest.mark.question("q1_3", weight=2)
+def test_pytorch_gradients(student):
+    """pytorch_gradients: autograd's derivative of my_sigmoid at the notebook's x"""
+    x = torch.tensor(np.linspace(-10, 10, 100))
+    s = torch.sigmoid(x)
+    got = student.get("pytorch_gradients")
+    assert_tensor_close(got, s * (1 - s), "pytorch_gradients", atol=1e-6, sample=x)
+
+
+@pytest.mark.question("q1_3", weight=2)
+def test_sigmoid_supports_autograd(student, rng):
+    """my_sigmoid works with autograd (a torch computation, not numpy or math)"""
+    x = torch.randn(40, generator=rng, dtype=torch.float64) * 3
+    reply = student.call_grad("my_sigmoid", x)
+    assert reply["tracks_grad"], ("my_sigmoid's result does not track gradients: use torch operations "
+                                  "(torch.exp), not numpy or math, so autograd can differentiate it")
+    s = torch.sigmoid(x)
+    assert_tensor_close(reply["grad"], s * (1 - s), "the autograd gradient of my_sigmoid", sample=x)
+
+
+@pytest.mark.question("q1_3")
+def test_comparison_plot(find_figure):
+    """the comparison plot shows both gradients"""
+    fig = find_figure(grade_id="q1_3_plot")
+    x = np.linspace(-10, 10, 100)
+    s = 1 / (1 + np.exp(-x))
+    verdict = plots.check_line_plot(fig, {"autograd's gradient": (x, s * (1 - s)),
+                                          "my_sigmoid_grad's gradient": (x, s * (1 - s))}, atol=1e-4)
+    assert verdict.ok, "; ".join(verdict.problems)
+
+
+def check_architecture(student, name, activation, probe):
+    model, described = student.module(name, layer(activation), probe=probe)
+    shapes = linear_shapes(described)
+    if shapes != ARCHITECTURE:
+        hint = " (two hidden layers instead of three?)" if len(shapes) == 3 else ""
+        hint = " (the output layer should have 2 nodes)" if shapes[-1:] == [(2, 1)] else hint
+        raise AssertionError(f"{name} builds Linear layers {shapes}; expected 2-2-2-2-2, i.e. {ARCHITECTURE}{hint}")
+    expected = [[activation]] * 3 + [[]]
+    got = activations_between(described)
+    if got != expected:
+        if got[-1]:
+            raise AssertionError(f"{name} applies {got[-1]} after the output layer; the last layer has no activation")
+        raise AssertionError(f"{name}({activation}) puts activations {got} after its Linear layers, "
+                             f"expected {expected}: is the `activation` argument used?")
+    return model
+
+
+@pytest.mark.question("q1_4", weight=2)
+@pytest.mark.parametrize("activation", ["Sigmoid", "Tanh", "ReLU"])
+def test_build_model_architecture(student, probe, activation):
+    """build_model(activation): 2-2-2-2-2 with the activation after every layer but the last"""
+    check_architecture(student, "build_model", activation, probe)
+
+
+@pytest.mark.question("q1_4", weight=3)
+def test_build_model_uniform_weights(student, probe, seed):
+    """build_model's weights are uniform in [-1, 1] (checked over many models)"""
+    weights = []
+    for draw in range(40):
+        _, described = student.module("build_model", layer("Sigmoid"), probe=probe, seed=seed + draw)
+        weights += [t.flatten() for t, spec in zip(described["state"], _param_kinds(described)) if spec == "weight"]
+    w = torch.cat(weights).to(torch.float64)
+    assert float(w.min()) >= -1 and float(w.max()) <= 1, \
+        f"weights range from {float(w.min()):.3f} to {float(w.max()):.3f}; they must lie in [-1, 1]"
+    assert float(w.mean()) > -0.15 and float(w.mean()) < 0.15 and float(w.min()) < -0.9, (
+        f"weights average {float(w.mean()):.2f} and none is below {float(w.min()):.2f}: is the range "
+        f"[0, 1] (nn.init.uniform_'s default) instead of [-1, 1]?")
+    assert abs(float(w.std()) - 1 / 3 ** 0.5) < 0.06, (
+        f"the weights' spread (std {float(w.std()):.3f}) does not match a uniform distribution on "
+        f"[-1, 1] (std 0.577)")
+
+
+def _param_kinds(described):
+    kinds = []
+    for spec in described["layers"]:
+        if spec["type"] == "Linear":
+            kinds += ["weight"] + (["bias"] if spec["bias"] else [])
+    return kinds

@@ -1,0 +1,1 @@
+"""gradelab: release, grade, report and export an auto-graded PyTorch assignment."""

@@ -1,0 +1,116 @@
+"""The `gradelab` command line: a thin layer over the library (see README for the workflows)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True)
+PROJECT_OPTION = click.option("--project", type=click.Path(file_okay=False, path_type=Path), default=".",
+                              show_default=True, help="The assignment repository (holds grading_config.yml).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """gradelab: release, grade, report and export an auto-graded PyTorch assignment.
+
+    \b
+    Instructor workflow:  gradelab release → hand out release/ → gradelab grade SUBMISSIONS --out DIR
+                          → gradelab report/export --from DIR
+    Student workflow:     open the release notebook in JupyterLab → check("q1_2") cells
+                          → gradelab validate NOTEBOOK → submit
+    """
+
+
+@main.command()
+@PROJECT_OPTION
+def release(project: Path) -> None:
+    """Make release/, solutions/ and autograder/ from source/ (byte-identical on every run)."""
+    from gradelab.release import ReleaseError, release as do_release
+
+    try:
+        report = do_release(project)
+    except ReleaseError as exc:
+        console.print(f"[bold red]release stopped:[/] {exc}")
+        sys.exit(1)
+    console.print(f"[green]released[/] {len(report.files)} files in {report.seconds:.1f} s")
+
+
+def _print_result(result) -> None:
+    table = Table(title=f"{result.student_id}: {result.score:g} / {result.max_score:g} ({result.status})")
+    for column in ("question", "score", "tests passed", "note"):
+        table.add_column(column)
+    for q in result.questions:
+        note = "manual part to grade" if q.needs_manual else ""
+        table.add_row(f"{q.id} {q.title}", f"{q.score:g} / {q.max_score:g}", f"{q.passed}/{q.total}", note)
+    console.print(table)
+    for test in result.tests:
+        if test.status != "passed" and test.visibility != "hidden":
+            console.print(f"  [red]{test.question}[/] {test.name}: {test.output}")
+    for message in result.messages:
+        console.print(f"  [yellow]note:[/] {message}")
+
+
+@main.command()
+@click.argument("notebook", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@PROJECT_OPTION
+@click.option("--require-sandbox", is_flag=True, help="Refuse to run unless every isolation layer is available.")
+def validate(notebook: Path, project: Path, require_sandbox: bool) -> None:
+    """Run NOTEBOOK top to bottom as the grader would and report every question.
+
+    Exits non-zero when a question is not answered, a cell fails or times out, or a check
+    fails, so it works as a pre-submit check and in CI.
+    """
+    from gradelab.grading import Grader, Project
+
+    grader = Grader(Project.load(project), require_sandbox=require_sandbox)
+    result = grader.grade(notebook, notebook.stem)
+    _print_result(result)
+    auto_max = sum(q.points for q in grader.config.questions)
+    failed = result.status != "graded" or any(t.status != "passed" for t in result.tests)
+    console.print(f"[{'red' if failed else 'green'}]{'problems found' if failed else 'all checks passed'}[/] "
+                  f"(automatic part: {result.score:g} of {auto_max:g})")
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("submissions", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: <student>/results.json, gradebook.sqlite, summary.")
+@PROJECT_OPTION
+@click.option("--workers", type=int, default=None, help="Parallel workers (default: one per core).")
+@click.option("--student", "only", multiple=True, help="Regrade only this student id (repeatable).")
+@click.option("--force", is_flag=True, help="Regrade even when the submission did not change.")
+@click.option("--require-sandbox", is_flag=True, help="Refuse to grade unless every isolation layer is available.")
+def grade(submissions: Path, out_dir: Path, project: Path, workers: int | None, only: tuple[str, ...],
+          force: bool, require_sandbox: bool) -> None:
+    """Grade SUBMISSIONS (a notebook, a folder, an LMS zip or an nbgrader tree) into --out."""
+    from gradelab.batch import grade_batch
+
+    summary = grade_batch(submissions, out_dir, project=project, workers=workers, only=set(only),
+                          force=force, require_sandbox=require_sandbox, console=console)
+    sys.exit(0 if summary.ok else 1)
+
+
+@main.command()
+@click.option("--project", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--notebook", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def gradescope(project: Path, notebook: Path, results: Path) -> None:
+    """Grade one notebook and write Gradescope's results.json (used by run_autograder)."""
+    import json
+
+    from gradelab.grading import Grader, Project
+
+    result = Grader(Project.load(project)).grade(notebook, notebook.stem)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result.to_gradescope(), indent=2), encoding="utf-8")
+    console.print(f"{result.student_id}: {result.score:g} / {result.max_score:g} → {results}")
+
+
+if __name__ == "__main__":
+    main()

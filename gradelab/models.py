@@ -1,0 +1,112 @@
+"""Data that crosses module and process boundaries.
+
+Everything here is plain data (pydantic models): a grading result travels from the trusted test
+runner to the supervisor, into the gradebook store, and out to exports and reports, always as
+one of these types and never as live objects.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+TestStatus = Literal["passed", "failed", "error", "timeout", "not_answered", "skipped"]
+SubmissionStatus = Literal["graded", "broken", "timeout", "crashed"]
+QuestionKind = Literal["auto", "manual", "plot"]
+Visibility = Literal["hidden", "after_due_date", "after_published", "visible"]
+
+
+class TestOutcome(BaseModel):
+    """One hidden test's verdict, as a Gradescope `tests[]` entry carries it."""
+
+    name: str
+    question: str
+    score: float
+    max_score: float
+    status: TestStatus
+    output: str = ""
+    visibility: Visibility = "visible"
+    duration: float = 0.0
+
+    def to_gradescope(self) -> dict:
+        return {
+            "name": self.name,
+            "score": round(self.score, 4),
+            "max_score": round(self.max_score, 4),
+            "status": "passed" if self.status == "passed" else "failed",
+            "output": self.output,
+            "visibility": self.visibility,
+            "tags": [self.question],
+        }
+
+
+class QuestionScore(BaseModel):
+    """A question's total over its tests (or its manual score)."""
+
+    id: str
+    title: str
+    kind: QuestionKind
+    score: float
+    max_score: float
+    passed: int = 0
+    total: int = 0
+    needs_manual: bool = False
+    comment: str = ""
+
+
+class LateInfo(BaseModel):
+    """How late a submission was and what the late policy would take off. Shown, never hidden."""
+
+    submitted_at: datetime | None = None
+    marked_late: bool = False
+    seconds_late: float = 0.0
+    penalty_fraction: float = 0.0
+    penalty_points: float = 0.0
+    reason: str = ""
+
+
+class FigureSummary(BaseModel):
+    """Where a captured figure came from and where its PNG was written."""
+
+    cell: int
+    index: int
+    helper: str | None = None
+    png: str | None = None
+
+
+class SubmissionResult(BaseModel):
+    """Everything the grader knows about one student's submission."""
+
+    student_id: str
+    source: str
+    content_hash: str
+    status: SubmissionStatus
+    score: float = 0.0
+    max_score: float = 0.0
+    tests: list[TestOutcome] = Field(default_factory=list)
+    questions: list[QuestionScore] = Field(default_factory=list)
+    messages: list[str] = Field(default_factory=list)
+    sandbox_layers: dict[str, str] = Field(default_factory=dict)
+    execution_time: float = 0.0
+    grading_time: float = 0.0
+    late: LateInfo | None = None
+    figures: list[FigureSummary] = Field(default_factory=list)
+
+    def to_gradescope(self) -> dict:
+        """The Gradescope autograder `results.json` document."""
+        return {
+            "score": round(self.score, 4),
+            "execution_time": round(self.execution_time, 3),
+            "output": "\n".join(self.messages),
+            "visibility": "visible",
+            "stdout_visibility": "hidden",
+            "tests": [t.to_gradescope() for t in self.tests],
+            "extra_data": {
+                "student_id": self.student_id,
+                "status": self.status,
+                "max_score": self.max_score,
+                "questions": {q.id: {"score": q.score, "max_score": q.max_score} for q in self.questions},
+            },
+        }

@@ -1,0 +1,348 @@
+"""The trusted side: a pytest plugin that runs the hidden tests against a sandboxed submission.
+
+Hidden tests are plain pytest files (see `autograder/`). They reach the student's work only
+through the `student` fixture, a proxy that sends requests to the sandbox and decodes the
+replies as plain data (`wire.py`): numbers, strings, tensors rebuilt from raw bytes, model
+descriptions. Nothing the student wrote runs in this process, and no method of a student object
+is ever called here.
+
+    @pytest.mark.question("q1_2", weight=2)
+    def test_sigmoid_values(student, rng):
+        x = torch.randn(50, generator=rng, dtype=torch.float64)
+        got = student.call("my_sigmoid", x)
+        assert_tensor_close(got, torch.sigmoid(x), "my_sigmoid(x)")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+
+from gradelab import modelspec, wire
+from gradelab.models import TestOutcome, TestStatus
+
+# ------------------------------------------------------------------ what a failing call tells the student
+
+
+class StudentProblem(Exception):
+    """A problem with the submission, with a message for the student."""
+
+    status: TestStatus = "failed"
+
+
+class NotAnswered(StudentProblem):
+    status = "not_answered"
+
+
+class StudentError(StudentProblem):
+    """The student's code raised an exception when the hidden test called it."""
+
+
+class StudentTimeout(StudentProblem):
+    status = "timeout"
+
+
+class SandboxLost(StudentProblem):
+    status = "error"
+
+
+# ------------------------------------------------------------------ the proxy
+
+
+@dataclass
+class SandboxLink:
+    """The connection to the sandbox, which the supervisor can replace after a crash or timeout."""
+
+    rpc: socket.socket
+    control: socket.socket | None
+    call_timeout: float
+    restarts: int = 0
+
+    def restart(self) -> None:
+        """Ask the supervisor for a fresh sandbox (it re-executes the notebook) and take its socket."""
+        if self.control is None:
+            raise SandboxLost("the student's process stopped and cannot be restarted")
+        self.rpc.close()
+        wire.send_msg(self.control, {"op": "restart"})
+        reply = wire.recv_msg(self.control, timeout=None)
+        if not reply.get("ok"):
+            raise SandboxLost(reply.get("message", "the student's process could not be restarted"))
+        _, fds, _, _ = socket.recv_fds(self.control, 16, 1)
+        self.rpc = socket.socket(fileno=fds[0])
+        self.restarts += 1
+
+
+class StudentProxy:
+    """What a hidden test may ask of the submission. Every reply is plain, validated data."""
+
+    def __init__(self, link: SandboxLink, seed: int):
+        self._link = link
+        self._seed = seed
+        self._broken = False  # the current sandbox died or hung; restart before the next request
+
+    def _request(self, op: str, name: str | None = None, *, seed: int | None = None, **fields: Any) -> Any:
+        if self._broken:
+            self._link.restart()
+            self._broken = False
+        message = {"op": op, "seed": self._seed if seed is None else seed, **fields}
+        if name is not None:
+            message["name"] = name
+        what = f"`{name}`" if name else "the notebook"
+        try:
+            wire.send_msg(self._link.rpc, message)
+            reply = wire.recv_msg(self._link.rpc, timeout=self._link.call_timeout, max_bytes=256 << 20)
+        except TimeoutError:
+            self._broken = True
+            raise StudentTimeout(f"{what} did not return within {self._link.call_timeout:g} s") from None
+        except (EOFError, OSError, wire.WireError) as exc:
+            self._broken = True
+            raise StudentError(f"the student's process stopped while running {what} "
+                               f"(it crashed, exited, or ran out of memory): {type(exc).__name__}") from None
+        if not isinstance(reply, dict) or type(reply.get("ok")) is not bool:
+            raise StudentError("the student's process sent a malformed reply")
+        if reply["ok"]:
+            return reply.get("value")
+        raise _problem_from(reply.get("error"), name)
+
+    def kinds(self, *names: str) -> dict[str, str]:
+        return self._request("kinds", names=list(names))
+
+    def get(self, name: str) -> Any:
+        return self._request("get", name)
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._request("call", name, args=list(args), kwargs=kwargs)
+
+    def call_grad(self, name: str, x: torch.Tensor) -> dict:
+        """fn(x) with x tracking gradients: {"value", "grad", "tracks_grad"}."""
+        return self._request("call_grad", name, args=[x])
+
+    def module(self, name: str, *args: Any, probe: torch.Tensor, seed: int | None = None,
+               **kwargs: Any) -> tuple[torch.nn.Sequential, dict]:
+        """Call a model-building function (torch seeded with `seed`); return the rebuilt model
+        and its description."""
+        described = self._request("module", name, args=list(args), kwargs=kwargs, probe=probe, seed=seed)
+        return _rebuild(described, probe, name)
+
+    def model(self, name: str, *, probe: torch.Tensor) -> tuple[torch.nn.Sequential, dict]:
+        """The model held in the notebook variable `name`, rebuilt here."""
+        return _rebuild(self._request("describe", name, probe=probe), probe, name)
+
+    def apply(self, name: str, model: torch.nn.Sequential, *args: Any, probe: torch.Tensor,
+              mode: str = "apply") -> tuple[torch.nn.Sequential, dict]:
+        """Let the student's `name` change a standard model: `model.apply(name(*args))` (mode
+        "apply") or `name(model, *args)` (mode "call"). Returns the changed model, rebuilt here."""
+        layers, state = describe_standard(model)
+        described = self._request("apply", name, spec=layers, state=state, args=list(args), mode=mode, probe=probe)
+        return _rebuild(described, probe, name)
+
+    def call_on_model(self, name: str, model: torch.nn.Sequential, *args: Any) -> Any:
+        layers, state = describe_standard(model)
+        return self._request("call_on_model", name, spec=layers, state=state, args=list(args))
+
+
+def describe_standard(model: torch.nn.Sequential) -> tuple[list[dict], list[torch.Tensor]]:
+    """Architecture and parameters of a model made of standard layers, built on this side."""
+    described = modelspec.describe_module(model, None)
+    return described["layers"], described["state"]
+
+
+def _rebuild(described: Any, probe: torch.Tensor, name: str) -> tuple[torch.nn.Sequential, dict]:
+    try:
+        return modelspec.rebuild(described, probe), described
+    except modelspec.ModelSpecError as exc:
+        raise StudentError(f"the model from `{name}` cannot be checked: {exc}") from None
+
+
+def _problem_from(error: Any, name: str | None) -> StudentProblem:
+    if not isinstance(error, dict):
+        return StudentError("the student's process sent a malformed error")
+    kind = str(error.get("type", "Error"))[:100]
+    message = str(error.get("message", ""))[:1500]
+    if error.get("missing"):
+        return NotAnswered(f"`{message}` is not defined: the cell that defines it is missing, "
+                           f"was renamed, or failed to run")
+    if error.get("not_answered"):
+        return NotAnswered(f"`{name}` is not answered yet (it raises {kind})")
+    if kind == "ModelSpecError":
+        return StudentError(f"`{name}`: {message}")
+    return StudentError(f"`{name}` raised {kind}: {message}" if name else f"{kind}: {message}")
+
+
+# ------------------------------------------------------------------ assertions with student-readable messages
+
+
+def assert_tensor_close(got: Any, expected: torch.Tensor, what: str, *, atol: float = 1e-6, rtol: float = 1e-5,
+                        sample: torch.Tensor | None = None) -> None:
+    """Compare here, on plain tensors; the message shows expected vs got on a few elements."""
+    if type(got) is not torch.Tensor:
+        raise AssertionError(f"{what} should be a torch.Tensor, got {type(got).__name__}")
+    if tuple(got.shape) != tuple(expected.shape):
+        raise AssertionError(f"{what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    if not got.is_floating_point():
+        raise AssertionError(f"{what} has dtype {got.dtype}, expected a floating-point tensor")
+    got64, exp64 = got.to(torch.float64), expected.to(torch.float64)
+    bad = ~torch.isclose(got64, exp64, atol=atol, rtol=rtol)
+    if bad.any():
+        i = int(bad.flatten().nonzero()[0])
+        at = "" if sample is None else f" at input {sample.flatten()[i].item():.4g}"
+        raise AssertionError(f"{what} is wrong for {int(bad.sum())} of {bad.numel()} values: "
+                             f"e.g. expected {exp64.flatten()[i].item():.6g}, got {got64.flatten()[i].item():.6g}{at}")
+
+
+# ------------------------------------------------------------------ the plugin
+
+
+@dataclass
+class GradingContext:
+    """What the supervisor tells the test runner about the executed submission."""
+
+    link: SandboxLink
+    seed: int
+    cells: list[dict]
+    figures: list[dict]
+    reference: Any
+    reference_data: dict
+    question_points: dict[str, float]
+    config: Any = None
+
+
+@dataclass
+class _Collected:
+    nodeid: str
+    name: str
+    question: str
+    weight: float
+    visibility: str
+
+
+@dataclass
+class GradingPlugin:
+    """Registered with `pytest.main(plugins=[...])` in the test runner process."""
+
+    ctx: GradingContext
+    outcomes: list[tuple[str, TestOutcome]] = field(default_factory=list)  # (nodeid, outcome)
+    _items: dict[str, _Collected] = field(default_factory=dict)
+    _proxy: StudentProxy | None = None
+
+    # -- fixtures hidden tests use
+
+    @pytest.fixture
+    def student(self) -> StudentProxy:
+        if self._proxy is None:
+            self._proxy = StudentProxy(self.ctx.link, self.ctx.seed)
+        return self._proxy
+
+    @pytest.fixture
+    def seed(self, request) -> int:
+        """A per-submission, per-test seed: hidden inputs cannot be learned from feedback."""
+        digest = hashlib.sha256(f"{self.ctx.seed}:{request.node.nodeid}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    @pytest.fixture
+    def rng(self, seed: int) -> torch.Generator:
+        return torch.Generator().manual_seed(seed)
+
+    @pytest.fixture
+    def reference(self):
+        return self.ctx.reference
+
+    @pytest.fixture
+    def reference_data(self) -> dict:
+        return self.ctx.reference_data
+
+    @pytest.fixture
+    def figures(self) -> list[dict]:
+        return self.ctx.figures
+
+    @pytest.fixture
+    def executed_cells(self) -> list[dict]:
+        return self.ctx.cells
+
+    @pytest.fixture
+    def grading_config(self):
+        return self.ctx.config
+
+    # -- hooks
+
+    def pytest_configure(self, config) -> None:
+        config.addinivalue_line("markers", "question(id, weight=1, visibility='visible'): the question a hidden test grades")
+
+    def pytest_collection_modifyitems(self, items) -> None:
+        for item in items:
+            marker = item.get_closest_marker("question")
+            if marker is None or not marker.args:
+                raise pytest.UsageError(f"{item.nodeid}: every hidden test needs @pytest.mark.question(id)")
+            self._items[item.nodeid] = _Collected(
+                nodeid=item.nodeid, name=_display_name(item), question=marker.args[0],
+                weight=float(marker.kwargs.get("weight", 1.0)),
+                visibility=marker.kwargs.get("visibility", "visible"))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        report = yield
+        if report.when == "call" or (report.when == "setup" and report.failed):
+            self._record(item, call, report)
+        return report
+
+    def _record(self, item, call, report) -> None:
+        collected = self._items[item.nodeid]
+        status, output = "passed", ""
+        if report.failed:
+            exc = call.excinfo.value if call.excinfo else None
+            status, output = _verdict(exc)
+        self.outcomes.append((item.nodeid, TestOutcome(
+            name=collected.name, question=collected.question, score=0.0, max_score=0.0,
+            status=status, output=output, visibility=collected.visibility, duration=round(call.duration, 4))))
+
+    def scored_outcomes(self) -> list[TestOutcome]:
+        """Outcomes with points: a question's points split over its tests by weight."""
+        weights: dict[str, float] = {}
+        for c in self._items.values():
+            weights[c.question] = weights.get(c.question, 0.0) + c.weight
+        scored = []
+        for nodeid, outcome in self.outcomes:
+            c = self._items[nodeid]
+            max_score = self.ctx.question_points.get(c.question, 0.0) * c.weight / weights[c.question]
+            scored.append(outcome.model_copy(update={
+                "max_score": max_score, "score": max_score if outcome.status == "passed" else 0.0}))
+        return scored
+
+
+def _display_name(item) -> str:
+    doc = (getattr(item.function, "__doc__", None) or "").strip().splitlines()
+    name = doc[0] if doc else item.originalname.removeprefix("test_").replace("_", " ")
+    callspec = getattr(item, "callspec", None)
+    return f"{name} [{callspec.id}]" if callspec else name
+
+
+def _verdict(exc: BaseException | None) -> tuple[TestStatus, str]:
+    """Status and student-facing message; hidden test code and tracebacks are never shown."""
+    if isinstance(exc, StudentProblem):
+        return exc.status, str(exc)
+    if isinstance(exc, AssertionError):
+        return "failed", str(exc) or "the hidden test's check failed"
+    if isinstance(exc, pytest.skip.Exception):
+        return "skipped", str(exc)
+    name = type(exc).__name__ if exc else "unknown"
+    return "error", f"the grader could not check this answer ({name}); your instructor has the details"
+
+
+def run_hidden_tests(tests_dir: str, ctx: GradingContext, *, extra_args: tuple[str, ...] = ()) -> list[TestOutcome]:
+    """Run the hidden tests in this (trusted) process and return the scored outcomes."""
+    plugin = GradingPlugin(ctx)
+    args = [tests_dir, "-q", "--assert=plain", "-p", "no:cacheprovider", "-p", "no:stepwise",
+            "-p", "no:warnings", "--disable-warnings", "-o", "python_files=test_*.py", *extra_args]
+    started = time.monotonic()
+    code = pytest.main(args, plugins=[plugin])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        raise RuntimeError(f"the hidden tests could not run (pytest exit code {int(code)}, "
+                           f"{time.monotonic() - started:.1f} s)")
+    return plugin.scored_outcomes()
+

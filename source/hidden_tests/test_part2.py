@@ -1,0 +1,101 @@
+"""Hidden tests of Part 2: the gradient plots and Glorot initialisation."""
+
+import pytest
+import torch
+from conftest import expected_gradients
+from test_part1 import check_architecture
+
+from gradelab import plots
+from gradelab.modelspec import layer
+
+# question, notebook variables of the model and the figure, the cell that draws it, reference band
+PLOTS = [
+    ("q2_2", "model_sig", "fig_sig", "q2_2_plot", "sigmoid_uniform"),
+    ("q2_4", "model_tanh", "fig_tanh", "q2_4_plot", "tanh_uniform"),
+    ("q2_6", "model_relu", "fig_relu", "q2_6_plot", "relu_uniform"),
+    ("q2_8", "model2_sig", "fig2_sig", "q2_8_plots", "sigmoid_glorot"),
+    ("q2_8", "model2_tanh", "fig2_tanh", "q2_8_plots", "tanh_glorot"),
+    ("q2_8", "model2_relu", "fig2_relu", "q2_8_plots", "relu_glorot"),
+]
+
+
+def _student_plot(student, find_figure, probe, model_name, fig_name, cell):
+    model, _ = student.model(model_name, probe=probe)
+    fig = find_figure(name=fig_name) or find_figure(grade_id=cell)
+    return model, fig
+
+
+def _check(question, model_name, fig_name, cell, band, student, find_figure, probe, reference_data):
+    model, fig = _student_plot(student, find_figure, probe, model_name, fig_name, cell)
+    verdict = plots.check_gradient_plot(
+        fig, expected_violins=4, band=reference_data["gradient_bands"][band],
+        expected_grads=expected_gradients(model))
+    assert verdict.ok, f"{fig_name}: " + "; ".join(verdict.problems)
+
+
+@pytest.mark.question("q2_2", weight=3)
+def test_sigmoid_gradient_plot(student, find_figure, probe, reference_data):
+    """the sigmoid model's gradient plot shows its gradients, in the reference's band"""
+    _check(*PLOTS[0], student, find_figure, probe, reference_data)
+
+
+@pytest.mark.question("q2_4", weight=3)
+def test_tanh_gradient_plot(student, find_figure, probe, reference_data):
+    """the tanh model's gradient plot shows its gradients, in the reference's band"""
+    _check(*PLOTS[1], student, find_figure, probe, reference_data)
+
+
+@pytest.mark.question("q2_6", weight=3)
+def test_relu_gradient_plot(student, find_figure, probe, reference_data):
+    """the ReLU model's gradient plot shows its gradients, in the reference's band"""
+    _check(*PLOTS[2], student, find_figure, probe, reference_data)
+
+
+@pytest.mark.question("q2_8", weight=1)
+@pytest.mark.parametrize("entry", PLOTS[3:], ids=lambda e: e[2])
+def test_glorot_gradient_plots(student, find_figure, probe, reference_data, entry):
+    """the Glorot models' gradient plots show their gradients, in the reference's band"""
+    _check(*entry, student, find_figure, probe, reference_data)
+
+
+@pytest.mark.parametrize("entry", [pytest.param(e, id=e[2], marks=pytest.mark.question(e[0])) for e in PLOTS])
+def test_plot_matches_reference_image(student, find_figure, probe, grading_config, entry):
+    """the figure looks like the reference figure drawn from your own model"""
+    _question, model_name, fig_name, cell, _band = entry
+    model, fig = _student_plot(student, find_figure, probe, model_name, fig_name, cell)
+    assert fig is not None, f"{fig_name}: no figure was produced"
+    if fig.helper != "plot_grad":
+        return  # drawn another way: judged by its content alone (the tests above)
+    import matplotlib.pyplot as plt
+    from vanishing_helpers import plot_grad
+
+    reference = plot_grad(model)
+    reference_png = plots.capture_figure(reference, cell=0, index=0)["png"]
+    plt.close(reference)
+    comparison = plots.compare_images(fig.png, reference_png, grading_config.plots.image_tolerance)
+    assert comparison.passed, f"{fig_name}: {comparison.message}"
+
+
+@pytest.mark.question("q2_8", weight=2)
+@pytest.mark.parametrize("activation", ["Tanh", "ReLU"])
+def test_glorot_architecture(student, probe, activation):
+    """build_model_glorot builds the same 2-2-2-2-2 network"""
+    check_architecture(student, "build_model_glorot", activation, probe)
+
+
+@pytest.mark.question("q2_8", weight=3)
+def test_glorot_normal_weights(student, probe, seed):
+    """build_model_glorot's weights follow N(0, sqrt(2 / (2 + 2))) (checked over many models)"""
+    weights = []
+    for draw in range(150):
+        _, described = student.module("build_model_glorot", layer("Tanh"), probe=probe, seed=seed + draw)
+        weights += [t.flatten() for t in described["state"] if t.dim() == 2]
+    w = torch.cat(weights).to(torch.float64)
+    std, expected = float(w.std()), (2 / (2 + 2)) ** 0.5
+    assert abs(float(w.mean())) < 0.06, f"the weights average {float(w.mean()):.3f}; Glorot weights average 0"
+    assert abs(std - expected) < 0.04, (
+        f"the weights' standard deviation is {std:.3f}; Glorot normal for 2x2 layers gives "
+        f"sqrt(2 / (2 + 2)) = {expected:.3f}")
+    tail = float((w.abs() > 2 * expected).to(torch.float64).mean())
+    assert 0.02 < tail < 0.09, (f"{tail:.1%} of the weights lie beyond 2 standard deviations; a normal "
+                                f"distribution has about 4.6% there (uniform: 0%): use xavier_normal_")

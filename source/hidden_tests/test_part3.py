@@ -1,0 +1,114 @@
+"""Hidden tests of Part 3: dying gradients, NegativeInitializer, XOR."""
+
+import pytest
+import torch
+from conftest import XOR_INPUTS, classifier_gradients, deep_reference, train_xor_batched
+from torch import nn
+
+from gradelab.modelspec import activations_between, layer, linear_shapes
+
+CLASSIFIER_PROBE = torch.rand(8, 10, generator=torch.Generator().manual_seed(1))
+RELU_LINEAR_VISITS = {0: 0, 2: 1, 4: 2, 6: 3}  # Module.apply's visit index -> Linear layer index
+
+
+@pytest.mark.question("q3_1")
+@pytest.mark.parametrize("activation", ["Sigmoid", "Tanh"])
+def test_deep_network_architecture(student, activation, seed):
+    """deep_network(depth, activation): depth Linear layers 10-5-...-5, activation between them"""
+    depth = 3 + seed % 5
+    _, described = student.module("deep_network", depth, layer(activation), probe=CLASSIFIER_PROBE)
+    expected = [(10, 5)] + [(5, 5)] * (depth - 1)
+    assert linear_shapes(described) == expected, \
+        f"deep_network({depth}, ...) builds Linear layers {linear_shapes(described)}, expected {expected}"
+    assert activations_between(described) == [[activation]] * (depth - 1) + [[]], (
+        f"deep_network({depth}, nn.{activation}()) should put one {activation} between consecutive Linear "
+        f"layers and none after the last; got {activations_between(described)}")
+
+
+@pytest.mark.question("q3_1", weight=2)
+@pytest.mark.parametrize("activation", [nn.Sigmoid, nn.Tanh], ids=["sigmoid", "tanh"])
+def test_kill_gradients(student, activation, seed):
+    """kill_gradients makes the first layer's gradient (practically) zero in a depth-7 network"""
+    network = deep_reference(7, activation, seed)
+    before = classifier_gradients(network, seed)[0].abs().max().item()
+    killed, _ = student.apply("kill_gradients", network, probe=CLASSIFIER_PROBE, mode="call")
+    after = classifier_gradients(killed, seed)[0].abs().max().item()
+    assert after < 1e-8, (f"after kill_gradients the first layer's largest gradient is {after:.2e} "
+                          f"(before: {before:.2e}); it should be (practically) zero for a "
+                          f"{activation.__name__} network")
+
+
+@pytest.mark.question("q3_1")
+@pytest.mark.parametrize("name", ["sigmoid", "tanh"])
+def test_depth_without_initializer(student, reference_data, name):
+    """the depth at which gradients die without Initializer"""
+    expected = reference_data["dying_depth"][name]
+    got = student.get(f"{name}_depth_without_initializer")
+    assert type(got) is int, f"{name}_depth_without_initializer should be an int, got {type(got).__name__}"
+    assert abs(got - expected) <= 1, (
+        f"{name}_depth_without_initializer is {got}; following the procedure of the exercise gives a "
+        f"depth within one of that value for the reference, and yours is further off")
+
+
+def _seed_relu_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(),
+                         nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 5))
+
+
+def _negative_layer(student, target, seed):
+    """Apply NegativeInitializer(target); return (original, changed, index of the Linear made negative)."""
+    original = _seed_relu_model(seed)
+    changed, _ = student.apply("NegativeInitializer", original, target, probe=CLASSIFIER_PROBE)
+    linears = [(a, b) for a, b in zip(original, changed) if isinstance(a, nn.Linear)]
+    negative = [i for i, (_, b) in enumerate(linears) if bool((b.weight < 0).all())]
+    untouched = [i for i, (a, b) in enumerate(linears) if torch.equal(a.weight, b.weight)]
+    assert len(negative) == 1 and len(untouched) == 3, (
+        f"NegativeInitializer({target}) should make the weights of exactly one layer negative and leave "
+        f"the others alone; layers made negative: {negative}, layers changed: "
+        f"{[i for i in range(4) if i not in untouched]}")
+    assert negative[0] in (RELU_LINEAR_VISITS.get(target), target), (
+        f"NegativeInitializer({target}) changed Linear layer {negative[0]}, which is neither the "
+        f"{target}-th module visited by apply() nor the {target}-th Linear layer")
+    return changed, negative[0]
+
+
+@pytest.mark.question("q3_2")
+@pytest.mark.parametrize("target", [2, 4])
+def test_negative_weights(student, target, seed):
+    """NegativeInitializer(target) makes the target layer's weights negative"""
+    _negative_layer(student, target, seed)
+
+
+@pytest.mark.question("q3_2", weight=2)
+@pytest.mark.parametrize("target", [2, 4])
+def test_gradient_dies_below_target(student, target, seed):
+    """under ReLU, no gradient reaches the layers below the target"""
+    changed, layer_index = _negative_layer(student, target, seed)
+    grads = classifier_gradients(changed, seed)  # weight, bias of each Linear layer, in order
+    alive = [f"{g.abs().max().item():.1e}" for g in grads[: 2 * (layer_index + 1)] if g.abs().max() > 0]
+    assert not alive, (
+        f"after NegativeInitializer({target}) some gradient still reaches the layers up to the target "
+        f"(largest values {alive}): negative weights alone are not enough when a positive bias "
+        f"can still open the ReLU")
+
+
+@pytest.mark.question("q3_3")
+def test_xor_output_shape(student):
+    """make_xor_model returns a new model with one logit per input"""
+    model, _ = student.module("make_xor_model", probe=XOR_INPUTS)
+    with torch.no_grad():
+        out = model(XOR_INPUTS)
+    assert out.numel() == 4 and out.shape[0] == 4, \
+        f"the model's output for the 4 XOR inputs has shape {tuple(out.shape)}; expected (4, 1) or (4,)"
+
+
+@pytest.mark.question("q3_3", weight=3)
+def test_xor_solved_reliably(student, seed):
+    """xor_problem's training solves XOR for at least 4 of 5 random seeds"""
+    models = [student.module("make_xor_model", probe=XOR_INPUTS, seed=seed + k)[0] for k in range(5)]
+    accuracy = train_xor_batched(models)
+    solved = int((accuracy == 1).sum())
+    assert solved >= 4, (f"after xor_problem's training, the model classified all four points correctly for "
+                         f"{solved} of 5 seeds (accuracies {[round(a, 2) for a in accuracy.tolist()]}); it "
+                         f"must work reliably, not for one lucky draw")
