@@ -96,6 +96,85 @@ def grade(submissions: Path, out_dir: Path, project: Path, workers: int | None, 
     sys.exit(0 if summary.ok else 1)
 
 
+FROM_OPTION = click.option("--from", "results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+                           required=True, help="A `gradelab grade --out` folder.")
+
+
+@main.command()
+@FROM_OPTION
+@PROJECT_OPTION
+def report(results_dir: Path, project: Path) -> None:
+    """Write feedback pages, the instructor report and the manual-review sheets for a graded batch."""
+    from gradelab.publish import write_reports
+
+    paths = write_reports(results_dir, project)
+    for label, path in paths.items():
+        console.print(f"{label}: {path}")
+
+
+@main.command("review")
+@click.argument("sheets", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@FROM_OPTION
+def review(sheets: tuple[Path, ...], results_dir: Path) -> None:
+    """Import filled-in review sheets (review_<question>.csv) as manual scores.
+
+    Manual scores are kept apart from automatic ones: a later regrade never overwrites them.
+    """
+    from gradelab.publish import import_review_sheets
+
+    count = import_review_sheets(results_dir, sheets)
+    console.print(f"imported {count} manual scores into {results_dir}")
+
+
+@main.command()
+@FROM_OPTION
+@click.option("--to", "target", type=click.Choice(["canvas", "moodle", "blackboard", "gradescope", "csv"]),
+              required=True, help="The gradebook format.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="File (or folder, for gradescope) to write.")
+@click.option("--roster", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Canvas gradebook export, Moodle participants export or a plain CSV of students.")
+@PROJECT_OPTION
+def export(results_dir: Path, target: str, out: Path, roster: Path | None, project: Path) -> None:
+    """Export grades (after late penalties, with manual scores) in a format the LMS imports as is."""
+    from gradelab.publish import export_grades
+
+    report_ = export_grades(results_dir, target, out, roster=roster, project=project)
+    console.print(f"[green]{target}[/]: {report_.rows} rows → {', '.join(map(str, report_.files))}")
+    for note in report_.notes:
+        console.print(f"  note: {note}")
+    for error in report_.errors:
+        console.print(f"  [red]left out:[/] {error}")
+    for sub in report_.unmatched_submissions:
+        console.print(f"  [yellow]submission without a roster match:[/] {sub.student_id}")
+    for entry in report_.missing_students:
+        console.print(f"  [yellow]no submission:[/] {entry.name}")
+
+
+@main.command()
+@PROJECT_OPTION
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
+              show_default=True)
+def demo(project: Path, out_dir: Path) -> None:
+    """The main job on the bundled example batch: release → grade → export → report."""
+    from gradelab.batch import grade_batch
+    from gradelab.publish import export_grades, write_reports
+    from gradelab.release import release as do_release
+
+    report_ = do_release(project)
+    console.print(f"[green]1. released[/] {len(report_.files)} files in {report_.seconds:.1f} s "
+                  f"(release/, solutions/, autograder/)")
+    console.print("[green]2. grading[/] examples/submissions/")
+    grade_batch(project / "examples" / "submissions", out_dir, project=project, force=True, console=console)
+    roster = project / "examples" / "roster.csv"
+    for target, name in (("canvas", "canvas_import.csv"), ("moodle", "moodle_import.csv"),
+                         ("blackboard", "blackboard_import.csv"), ("csv", "grades.csv"), ("gradescope", "gradescope")):
+        exported = export_grades(out_dir, target, out_dir / name, roster=roster, project=project)
+        console.print(f"[green]3. exported[/] {target}: {', '.join(map(str, exported.files[:1]))}"
+                      + (f" (+{len(exported.files) - 1} more)" if len(exported.files) > 1 else ""))
+    for label, path in write_reports(out_dir, project).items():
+        console.print(f"[green]4. {label}:[/] {path}")
+
+
 @main.command()
 @click.option("--project", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--notebook", type=click.Path(dir_okay=False, path_type=Path), required=True)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -53,7 +55,9 @@ class Gradebook:
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: autocommit, so each write statement is its own committed transaction.
         self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # Switching to WAL needs an exclusive lock that SQLite does not wait for when another
+        # process is opening the same new file, so this one step is retried by hand.
+        _retry_while_busy(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         # FULL: a commit is synced to disk before save() returns, so even a power cut keeps it.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
@@ -161,6 +165,18 @@ def _merge(result: SubmissionResult, manual: dict[str, tuple[float, str]]) -> Su
     ]
     total = max(0.0, sum(question.score for question in questions))
     return result.model_copy(update={"questions": questions, "score": total})
+
+
+def _retry_while_busy(action: Callable[[], object]) -> None:
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _now() -> str:

@@ -138,7 +138,7 @@ class Grader:
             messages.append("Sandbox layers not available on this machine: " + ", ".join(missing))
         result = SubmissionResult(
             status=status, tests=outcomes, questions=self._question_scores(outcomes),
-            messages=messages, sandbox_layers=dict(self.layers),
+            messages=messages, sandbox_layers=dict(self.layers), answers=_answers_by_question(submission),
             execution_time=round(execution.seconds, 3), **base)
         result.score = round(sum(q.score for q in result.questions), 4)
         student_dir = out_dir / student_id if out_dir else None
@@ -365,6 +365,14 @@ def _import_reference(solutions_dir: Path):
     sys.modules[REFERENCE_MODULE] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _answers_by_question(submission: Submission) -> dict[str, str]:
+    answers: dict[str, str] = {}
+    for grade_id, text in submission.answers.items():
+        qid = "_".join(grade_id.split("_")[:2])
+        answers[qid] = (answers.get(qid, "") + "\n\n" + text).strip()
+    return answers
 
 
 def write_result(student_dir: Path, result: SubmissionResult) -> None:

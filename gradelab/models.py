@@ -93,6 +93,8 @@ class SubmissionResult(BaseModel):
     grading_time: float = 0.0
     late: LateInfo | None = None
     figures: list[FigureSummary] = Field(default_factory=list)
+    # Free-text answers of manually graded questions (question id -> text), for the review pages.
+    answers: dict[str, str] = Field(default_factory=dict)
 
     def to_gradescope(self) -> dict:
         """The Gradescope autograder `results.json` document."""

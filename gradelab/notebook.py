@@ -33,6 +33,7 @@ class CodeCell:
 class Submission:
     cells: list[CodeCell]
     problems: list[str] = field(default_factory=list)
+    answers: dict[str, str] = field(default_factory=dict)  # grade_id of a manual cell -> its text
 
     def to_execute(self) -> list[tuple[int, str]]:
         """Cells the grader runs: everything but the public-check cells, whose verdicts do not count."""
@@ -91,6 +92,7 @@ def load_submission(path: Path, release: nbformat.NotebookNode) -> Submission:
     cells: list[CodeCell] = []
     seen: dict[str, int] = {}
     problems: list[str] = []
+    answers: dict[str, str] = {}
     for index, cell in enumerate(nb.get("cells", [])):
         meta = cell.get("metadata", {}).get("nbgrader", {}) if isinstance(cell.get("metadata"), dict) else {}
         grade_id = meta.get("grade_id") if isinstance(meta.get("grade_id"), str) else None
@@ -99,6 +101,8 @@ def load_submission(path: Path, release: nbformat.NotebookNode) -> Submission:
             source = "".join(str(s) for s in source)
         if grade_id:
             seen[grade_id] = seen.get(grade_id, 0) + 1
+        if cell.get("cell_type") == "markdown" and meta.get("grade") and meta.get("solution") and grade_id:
+            answers[grade_id] = answers.get(grade_id, "") + str(source)[:20_000]
         if cell.get("cell_type") != "code":
             if grade_id in expected and expected[grade_id].cell_type == "code":
                 problems.append(f"cell {grade_id} was changed into a {cell.get('cell_type')} cell, so it was not run")
@@ -119,4 +123,4 @@ def load_submission(path: Path, release: nbformat.NotebookNode) -> Submission:
     release_order = [g for g in expected if g in order]
     if [g for g in dict.fromkeys(order)] != release_order:
         problems.append("cells are in a different order than in the released notebook; they were run in the submitted order")
-    return Submission(cells=cells, problems=problems)
+    return Submission(cells=cells, problems=problems, answers=answers)

@@ -166,8 +166,8 @@ def _problem_from(error: Any, name: str | None) -> StudentProblem:
     kind = str(error.get("type", "Error"))[:100]
     message = str(error.get("message", ""))[:1500]
     if error.get("missing"):
-        return NotAnswered(f"`{message}` is not defined: the cell that defines it is missing, "
-                           f"was renamed, or failed to run")
+        return NotAnswered(f"`{message}` is not defined: the cell that defines it is not answered yet, "
+                           f"failed to run, is missing, or the name was changed")
     if error.get("not_answered"):
         return NotAnswered(f"`{name}` is not answered yet (it raises {kind})")
     if kind == "ModelSpecError":

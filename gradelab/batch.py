@@ -1,0 +1,185 @@
+"""Batch grading: LMS downloads in, a warm pool of graders, a gradebook that never loses a result.
+
+Each worker process imports torch, matplotlib and the grader once and then grades many
+submissions, forking fresh sandboxes from its warm memory. The parent process imports no torch
+(forking after multi-threaded torch work deadlocks children), keeps the only connection to the
+gradebook, and saves each result the moment it arrives: a crash, a kill or Ctrl-C loses nothing
+already graded, and a re-run skips what did not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from gradelab.collect import CollectReport, SubmissionFile, collect
+from gradelab.config import CONFIG_FILE, load_config
+from gradelab.gradebook import Gradebook
+from gradelab.late import assess
+from gradelab.models import SubmissionResult
+
+GRADEBOOK_FILE = "gradebook.sqlite"
+
+_worker_grader = None  # the warm Grader of this worker process
+
+
+def _init_worker(project_root: str, require_sandbox: bool, slots) -> None:
+    global _worker_grader
+    from gradelab.grading import Grader, Project
+
+    with slots.get_lock():
+        slot = slots.value
+        slots.value += 1
+    _worker_grader = Grader(Project.load(Path(project_root)), slot=slot, require_sandbox=require_sandbox)
+
+
+def _grade_in_worker(path: str, student_id: str, out_dir: str) -> str:
+    return _worker_grader.grade(Path(path), student_id, out_dir=Path(out_dir)).model_dump_json()
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class BatchSummary:
+    out_dir: Path
+    collected: CollectReport
+    results: list[SubmissionResult] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    lost: list[tuple[str, str]] = field(default_factory=list)  # (student id, why) when a worker itself died
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def ok(self) -> bool:
+        return not self.interrupted and not self.lost
+
+    def to_json(self) -> dict:
+        return {
+            "graded": self.count("graded"), "broken": self.count("broken"), "timeout": self.count("timeout"),
+            "crashed": self.count("crashed"), "unchanged": self.unchanged, "lost": self.lost,
+            "seconds": round(self.seconds, 2), "interrupted": self.interrupted,
+            "skipped": [list(s) for s in self.collected.skipped],
+            "superseded": [[old.original_name, kept.original_name] for old, kept in self.collected.superseded],
+            "slowest": [[r.student_id, r.grading_time] for r in self.slowest()],
+        }
+
+    def slowest(self, n: int = 5) -> list[SubmissionResult]:
+        return sorted(self.results, key=lambda r: r.grading_time, reverse=True)[:n]
+
+
+def grade_batch(source: Path, out_dir: Path, *, project: Path, workers: int | None = None,
+                only: set[str] | None = None, force: bool = False, require_sandbox: bool = False,
+                console: Console | None = None) -> BatchSummary:
+    """Grade every submission in `source` into `out_dir`; see the module docstring."""
+    console = console or Console(stderr=True)
+    started = time.monotonic()
+    project = Path(project).resolve()
+    config = load_config(project / CONFIG_FILE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    collected = collect(Path(source), out_dir / ".collected", notebook_name=config.assignment.notebook)
+    summary = BatchSummary(out_dir=out_dir, collected=collected)
+    with Gradebook(out_dir / GRADEBOOK_FILE) as gradebook:
+        todo = []
+        for sub in collected.submissions:
+            if only and sub.student_id not in only:
+                continue
+            if not force and gradebook.content_hash(sub.student_id) == file_hash(sub.path):
+                summary.unchanged.append(sub.student_id)
+                continue
+            todo.append(sub)
+        workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+        if todo:
+            console.print(f"grading {len(todo)} submissions with {workers} workers "
+                          f"({len(summary.unchanged)} unchanged, skipped)")
+            _run_pool(todo, project, out_dir, workers, require_sandbox, config, gradebook, summary, console)
+        summary.results = [r for r in gradebook.results() if r.student_id in {s.student_id for s in todo}]
+    summary.seconds = time.monotonic() - started
+    (out_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2), encoding="utf-8")
+    print_summary(summary, console)
+    return summary
+
+
+def _late_info(sub: SubmissionFile, config, max_score: float):
+    if config.late_policy.due is None and not sub.marked_late:
+        return None
+    return assess(config.late_policy, student_id=sub.student_id, submitted_at=sub.submitted_at,
+                  marked_late=sub.marked_late, max_score=max_score)
+
+
+def _run_pool(todo, project, out_dir, workers, require_sandbox, config, gradebook, summary, console) -> None:
+    slots = multiprocessing.get_context("fork").Value("i", 0)
+    pending = list(todo)
+    columns = (TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+               TimeRemainingColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}"))
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("grading", total=len(todo), last="")
+        while pending:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_init_worker, initargs=(str(project), require_sandbox, slots))
+            futures: dict[Future, SubmissionFile] = {
+                pool.submit(_grade_in_worker, str(s.path), s.student_id, str(out_dir)): s for s in pending}
+            pending = []
+            try:
+                while futures:
+                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        sub = futures.pop(future)
+                        try:
+                            result = SubmissionResult.model_validate_json(future.result())
+                        except BrokenProcessPool:
+                            # A worker died (not a sandbox: those are contained); requeue the rest once.
+                            summary.lost.append((sub.student_id, "the grading worker died"))
+                            pending = [s for s in futures.values()]
+                            futures.clear()
+                            break
+                        result.late = _late_info(sub, config, result.max_score)
+                        result.source = sub.original_name
+                        gradebook.save(result)
+                        progress.update(task, advance=1, last=f"{sub.student_id}: {result.score:g} ({result.status})")
+            except KeyboardInterrupt:
+                summary.interrupted = True
+                pool.shutdown(wait=False, cancel_futures=True)
+                console.print("[yellow]interrupted: every result graded so far is saved; run again to continue")
+                return
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+
+def print_summary(summary: BatchSummary, console: Console) -> None:
+    table = Table(title="grading summary")
+    table.add_column("")
+    table.add_column("submissions", justify="right")
+    for label, value in (("graded", summary.count("graded")), ("failed to run (broken file)", summary.count("broken")),
+                         ("timed out", summary.count("timeout")), ("crashed", summary.count("crashed")),
+                         ("unchanged (skipped)", len(summary.unchanged)), ("not notebooks / refused", len(summary.collected.skipped)),
+                         ("superseded resubmissions", len(summary.collected.superseded))):
+        table.add_row(label, str(value))
+    console.print(table)
+    for result in summary.results:
+        if result.status != "graded":
+            console.print(f"  [red]{result.student_id}[/] ({result.status}): {'; '.join(result.messages)[:300]}")
+    for name, reason in summary.collected.skipped:
+        console.print(f"  [yellow]skipped[/] {name}: {reason}")
+    for student_id, why in summary.lost:
+        console.print(f"  [red]not graded[/] {student_id}: {why}")
+    if summary.results:
+        slow = ", ".join(f"{r.student_id} {r.grading_time:.1f} s" for r in summary.slowest(3))
+        console.print(f"slowest: {slow}")
+    console.print(f"done in {summary.seconds:.1f} s; results in {summary.out_dir}/ "
+                  f"(<student>/results.json, {GRADEBOOK_FILE}, summary.json)")
