@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import socket
+import time
 import traceback
 from typing import Any
 
@@ -124,6 +125,7 @@ class NotebookRunner:
         """Run one cell; return its outcome (status ok/error/timeout/refused, output, error)."""
         seed_everything(self.seed + index)
         out = _CappedText(self.output_limit)
+        started = time.perf_counter()
 
         def on_alarm(_signum, _frame):
             raise CellTimeout(f"the cell ran longer than {self.cell_timeout:g} s")
@@ -138,8 +140,9 @@ class NotebookRunner:
             error = exc
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
+        seconds = time.perf_counter() - started
         self._capture_figures(index)
-        outcome: dict[str, Any] = {"index": index, "status": "ok", "output": out.value()}
+        outcome: dict[str, Any] = {"index": index, "status": "ok", "output": out.value(), "seconds": seconds}
         if error is not None:
             outcome["error"] = _error_info(error)
             outcome["status"] = ("timeout" if isinstance(error, CellTimeout)
@@ -212,10 +215,12 @@ class RpcServer:
             return {"ok": False, "error": {"type": "ProtocolError", "message": f"unknown op {op!r}"}}
         seed_everything(int(request.get("seed", self.runner.seed)))
         out = _CappedText(4096)
+        started = time.perf_counter()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                 value = handler(request)
-            reply = {"ok": True, "value": value}
+            # How long the student's code ran: the supervisor reports grading time without it.
+            reply = {"ok": True, "value": value, "seconds": time.perf_counter() - started}
             wire.encode(reply)  # fail here, with a message, rather than half-way through sending
             return reply
         except _Missing as exc:

@@ -12,6 +12,7 @@ reference solutions, or writes scores.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
@@ -26,7 +27,7 @@ from pathlib import Path
 import nbformat
 import torch
 
-from gradelab import executor, sandbox, wire
+from gradelab import executor, sandbox, testing, wire
 from gradelab.config import CONFIG_FILE, GradingConfig, load_config
 from gradelab.models import FigureSummary, QuestionScore, SubmissionResult, TestOutcome
 from gradelab.notebook import BrokenNotebook, Submission, load_submission
@@ -82,7 +83,13 @@ class Execution:
     figures: list[dict] = field(default_factory=list)
     skipped: set[int] = field(default_factory=set)
     restarts: int = 0
-    seconds: float = 0.0
+    call_seconds: float = 0.0  # in the student's functions, called by the hidden tests
+
+    @property
+    def student_seconds(self) -> float:
+        """Time spent running the student's code: cells (as the sandbox timed them) and calls."""
+        cells = sum(c.get("seconds", 0.0) for c in self.cells.values() if type(c.get("seconds")) is float)
+        return cells + self.call_seconds
 
 
 class Grader:
@@ -139,7 +146,7 @@ class Grader:
         result = SubmissionResult(
             status=status, tests=outcomes, questions=self._question_scores(outcomes),
             messages=messages, sandbox_layers=dict(self.layers), answers=_answers_by_question(submission),
-            execution_time=round(execution.seconds, 3), **base)
+            execution_time=round(execution.student_seconds, 3), **base)
         result.score = round(sum(q.score for q in result.questions), 4)
         student_dir = out_dir / student_id if out_dir else None
         result.figures = _save_figures(execution.figures, student_dir)
@@ -176,9 +183,7 @@ class Grader:
         while True:
             cells = [(i, src) for i, src in submission.to_execute() if i not in execution.skipped]
             box, ctl, rpc = self._spawn_sandbox(cells, seed)
-            started = time.monotonic()
             stop = self._follow(box, ctl, execution, deadline)
-            execution.seconds += time.monotonic() - started
             ctl.close()
             if stop is None:
                 return box, rpc
@@ -283,6 +288,7 @@ class Grader:
                 if message.get("op") == "restart":
                     self._restart_for_runner(control_parent, submission, seed, execution, deadline, boxes)
                 elif message.get("op") == "done":
+                    execution.call_seconds = float(message.get("student_seconds", 0.0))
                     return [TestOutcome.model_validate(o) for o in message["outcomes"]]
                 elif message.get("op") == "failed":
                     raise RuntimeError(message.get("message", "the hidden tests could not run"))
@@ -338,8 +344,6 @@ class SubmissionTimeout(Exception):
 
 def _test_runner_main(project: Project, payload: dict, rpc: socket.socket, control: socket.socket) -> int:
     """Process T: load the reference and the hidden tests, run them, send the outcomes."""
-    from gradelab import testing  # imported here so the supervisor's memory holds no test machinery state
-
     try:
         reference = _import_reference(project.solutions_dir)
         reference_data = json.loads((project.solutions_dir / "reference_data.json").read_text())
@@ -351,7 +355,8 @@ def _test_runner_main(project: Project, payload: dict, rpc: socket.socket, contr
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)  # pytest's own report is not needed; outcomes go back as data
         outcomes = testing.run_hidden_tests(str(project.tests_dir), ctx)
-        wire.send_msg(control, {"op": "done", "outcomes": [o.model_dump() for o in outcomes]})
+        wire.send_msg(control, {"op": "done", "outcomes": [o.model_dump() for o in outcomes],
+                                "student_seconds": ctx.link.student_seconds})
         return 0
     except Exception as exc:
         wire.send_msg(control, {"op": "failed", "message": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -449,3 +454,7 @@ def _warm_up() -> None:
     ax.set_title("warm-up")
     fig.canvas.draw()
     plt.close(fig)
+    # Everything imported so far lives as long as the worker: keep it out of every collection,
+    # in this process and in each fork (pytest and students' code trigger full collections).
+    gc.collect()
+    gc.freeze()

@@ -16,6 +16,7 @@ is ever called here.
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class SandboxLink:
     control: socket.socket | None
     call_timeout: float
     restarts: int = 0
+    student_seconds: float = 0.0  # time the sandbox reports spending in the student's code
 
     def restart(self) -> None:
         """Ask the supervisor for a fresh sandbox (it re-executes the notebook) and take its socket."""
@@ -98,6 +100,7 @@ class StudentProxy:
             wire.send_msg(self._link.rpc, message)
             reply = wire.recv_msg(self._link.rpc, timeout=self._link.call_timeout, max_bytes=256 << 20)
         except TimeoutError:
+            self._link.student_seconds += self._link.call_timeout
             self._broken = True
             raise StudentTimeout(f"{what} did not return within {self._link.call_timeout:g} s") from None
         except (EOFError, OSError, wire.WireError) as exc:
@@ -106,6 +109,8 @@ class StudentProxy:
                                f"(it crashed, exited, or ran out of memory): {type(exc).__name__}") from None
         if not isinstance(reply, dict) or type(reply.get("ok")) is not bool:
             raise StudentError("the student's process sent a malformed reply")
+        if type(reply.get("seconds")) is float:
+            self._link.student_seconds += min(max(reply["seconds"], 0.0), self._link.call_timeout)
         if reply["ok"]:
             return reply.get("value")
         raise _problem_from(reply.get("error"), name)
@@ -279,6 +284,9 @@ class GradingPlugin:
             marker = item.get_closest_marker("question")
             if marker is None or not marker.args:
                 raise pytest.UsageError(f"{item.nodeid}: every hidden test needs @pytest.mark.question(id)")
+            # The verdict is recorded by this plugin; pytest's traceback rendering (source, locals)
+            # is never shown and costs more than running the test.
+            item.repr_failure = _plain_failure
             self._items[item.nodeid] = _Collected(
                 nodeid=item.nodeid, name=_display_name(item), question=marker.args[0],
                 weight=float(marker.kwargs.get("weight", 1.0)),
@@ -315,6 +323,10 @@ class GradingPlugin:
         return scored
 
 
+def _plain_failure(excinfo, style=None) -> str:
+    return f"{excinfo.typename}: {excinfo.value}"[:2000]
+
+
 def _display_name(item) -> str:
     doc = (getattr(item.function, "__doc__", None) or "").strip().splitlines()
     name = doc[0] if doc else item.originalname.removeprefix("test_").replace("_", " ")
@@ -337,8 +349,13 @@ def _verdict(exc: BaseException | None) -> tuple[TestStatus, str]:
 def run_hidden_tests(tests_dir: str, ctx: GradingContext, *, extra_args: tuple[str, ...] = ()) -> list[TestOutcome]:
     """Run the hidden tests in this (trusted) process and return the scored outcomes."""
     plugin = GradingPlugin(ctx)
-    args = [tests_dir, "-q", "--assert=plain", "-p", "no:cacheprovider", "-p", "no:stepwise",
-            "-p", "no:warnings", "--disable-warnings", "-o", "python_files=test_*.py", *extra_args]
+    # Only what grading needs: third-party plugins, pdb, output capture and the garbage-collecting
+    # unraisable-exception hooks cost more than the tests themselves on a torch-sized heap.
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    unused = ("cacheprovider", "stepwise", "warnings", "debugging", "unraisableexception", "threadexception",
+              "faulthandler", "pastebin", "junitxml", "doctest", "legacypath", "tmpdir", "capture", "logging")
+    args = [tests_dir, "-q", "--assert=plain", "-o", "python_files=test_*.py",
+            *[a for name in unused for a in ("-p", f"no:{name}")], *extra_args]
     started = time.monotonic()
     code = pytest.main(args, plugins=[plugin])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):

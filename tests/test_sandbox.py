@@ -12,6 +12,7 @@ import json
 import os
 import posix
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -35,6 +36,7 @@ LAYERS = probe_layers()
 SLOT = 1000 + os.getpid() % 1000  # a uid of our own, even if another test run shares the machine
 CLONE_NEWUSER = 0x10000000
 PTRACE_ATTACH, PTRACE_DETACH = 16, 17
+WALL = 0x40000000  # waitpid flag __WALL: also wait for a process we trace but did not fork
 SECRET = "GRADELAB_SECRET"
 MINIMAL_ENV = {"PATH", "HOME", "MPLCONFIGDIR", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONDONTWRITEBYTECODE", "LANG"}
 
@@ -348,8 +350,10 @@ def test_ptrace_of_parent_fails() -> None:
     def attack() -> dict:
         libc = ctypes.CDLL(None, use_errno=True)
         result = libc.ptrace(PTRACE_ATTACH, test_pid, 0, 0)
-        if result == 0:  # it worked: let pytest go before reporting the failure
+        if result == 0:  # it worked: let pytest go (wait for its ptrace-stop, detach, continue), then report
+            os.waitpid(test_pid, WALL)
             libc.ptrace(PTRACE_DETACH, test_pid, 0, 0)
+            os.kill(test_pid, signal.SIGCONT)
         return {"result": result, "errno": errno.errorcode.get(ctypes.get_errno())}
 
     outcome = run_attack(attack)
