@@ -84,6 +84,7 @@ class Execution:
     skipped: set[int] = field(default_factory=set)
     restarts: int = 0
     call_seconds: float = 0.0  # in the student's functions, called by the hidden tests
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # figures the hidden tests attached
 
     @property
     def student_seconds(self) -> float:
@@ -150,6 +151,10 @@ class Grader:
         result.score = round(sum(q.score for q in result.questions), 4)
         student_dir = out_dir / student_id if out_dir else None
         result.figures = _save_figures(execution.figures, student_dir)
+        if student_dir:
+            for name, png in execution.artifacts.items():
+                (student_dir / "figures").mkdir(parents=True, exist_ok=True)
+                (student_dir / "figures" / name).write_bytes(png)
         result.grading_time = round(time.monotonic() - started, 3)
         if student_dir:
             write_result(student_dir, result)
@@ -289,6 +294,8 @@ class Grader:
                     self._restart_for_runner(control_parent, submission, seed, execution, deadline, boxes)
                 elif message.get("op") == "done":
                     execution.call_seconds = float(message.get("student_seconds", 0.0))
+                    execution.artifacts = {k: v for k, v in message.get("artifacts", {}).items()
+                                           if testing.ARTIFACT_NAME.match(k) and isinstance(v, bytes)}
                     return [TestOutcome.model_validate(o) for o in message["outcomes"]]
                 elif message.get("op") == "failed":
                     raise RuntimeError(message.get("message", "the hidden tests could not run"))
@@ -353,10 +360,11 @@ def _test_runner_main(project: Project, payload: dict, rpc: socket.socket, contr
             reference=reference, reference_data=reference_data, config=project.config,
             question_points={q.id: q.points for q in project.config.questions})
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)  # pytest's own report is not needed; outcomes go back as data
-        outcomes = testing.run_hidden_tests(str(project.tests_dir), ctx)
+        os.dup2(devnull, 1)  # pytest's own report and warnings are not needed; outcomes go back as data
+        os.dup2(devnull, 2)
+        outcomes, artifacts = testing.run_hidden_tests(str(project.tests_dir), ctx)
         wire.send_msg(control, {"op": "done", "outcomes": [o.model_dump() for o in outcomes],
-                                "student_seconds": ctx.link.student_seconds})
+                                "student_seconds": ctx.link.student_seconds, "artifacts": artifacts})
         return 0
     except Exception as exc:
         wire.send_msg(control, {"op": "failed", "message": f"{type(exc).__name__}: {exc}"[:2000]})

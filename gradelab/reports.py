@@ -294,11 +294,16 @@ def _png_uri(base: Path, relative: str) -> str | None:
 
 
 def _plot_panels(student_dir: Path, question_id: str, student_caption: str) -> list[_Panel]:
-    """The student's figure beside the reference, or the grader's combined image if that is all there is."""
+    """Each of the student's figures of the question beside its reference (`<question>[_<figure>]_student.png`
+    and `..._reference.png`), or the grader's combined image if that is all there is."""
     figures = f"{FIGURES_DIR}/{question_id}"
-    pair = [(student_caption, _png_uri(student_dir, f"{figures}_student.png")),
-            ("reference", _png_uri(student_dir, f"{figures}_reference.png"))]
-    panels = [_Panel(caption, uri) for caption, uri in pair if uri]
+    panels = []
+    for student_png in sorted((student_dir / FIGURES_DIR).glob(f"{question_id}*_student.png")):
+        stem = student_png.name.removesuffix("_student.png")
+        label = stem.removeprefix(question_id).strip("_")
+        pair = [(f"{student_caption} {label}".strip(), _png_uri(student_dir, f"{FIGURES_DIR}/{stem}_student.png")),
+                (f"reference {label}".strip(), _png_uri(student_dir, f"{FIGURES_DIR}/{stem}_reference.png"))]
+        panels += [_Panel(caption, uri) for caption, uri in pair if uri]
     combined = _png_uri(student_dir, f"{figures}_side_by_side.png")
     if not panels and combined:
         panels = [_Panel(f"{student_caption} and reference", combined)]

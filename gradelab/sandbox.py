@@ -336,6 +336,7 @@ class _Plan:
     cgroup_procs: tuple[tuple[str, str], ...]  # (layer, path of a cgroup.procs file to join)
     statuses: tuple[tuple[str, str], ...]  # layers already decided in the parent (unavailable or failed)
     main_thread: bool
+    parent_mount_ns: tuple[int, int]
 
 
 class Sandbox:
@@ -386,6 +387,7 @@ class Sandbox:
             read_trees=tuple(dict.fromkeys(os.path.abspath(p) for p in read_trees)),
             require=require, report_fd=report_write, cgroup_procs=tuple(joins), statuses=tuple(statuses.items()),
             main_thread=threading.current_thread() is threading.main_thread(),
+            parent_mount_ns=_mount_namespace(),
         )
         for stream in (sys.stdout, sys.stderr):  # or the child would print the parent's buffered text again
             with suppress(Exception):
@@ -651,7 +653,14 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, options: st
                        options.encode() if options else None), f"mount {target}")
 
 
+def _mount_namespace() -> tuple[int, int]:
+    info = os.stat("/proc/self/ns/mnt")
+    return info.st_dev, info.st_ino
+
+
 def _mount_private_views(plan: _Plan) -> None:
+    if _mount_namespace() == plan.parent_mount_ns:  # never stack tmpfs over the host's /tmp, /run, /proc
+        raise OSError("still in the parent's mount namespace; refusing to mount")
     _mount("none", "/", None, _MS_REC | _MS_PRIVATE)  # or our mounts would propagate to the host
     secure = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
     # Hidden paths first: one under /tmp vanishes once the private /tmp is mounted. /run is hidden too

@@ -20,13 +20,16 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+import re
+from typing import Any, Callable
 
 import pytest
 import torch
 
 from gradelab import modelspec, wire
 from gradelab.models import TestOutcome, TestStatus
+
+ARTIFACT_NAME = re.compile(r"^[a-z0-9_]{1,80}_(student|reference)\.png$")
 
 # ------------------------------------------------------------------ what a failing call tells the student
 
@@ -233,6 +236,7 @@ class GradingPlugin:
 
     ctx: GradingContext
     outcomes: list[tuple[str, TestOutcome]] = field(default_factory=list)  # (nodeid, outcome)
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG, for feedback pages
     _items: dict[str, _Collected] = field(default_factory=dict)
     _proxy: StudentProxy | None = None
 
@@ -273,6 +277,14 @@ class GradingPlugin:
     @pytest.fixture
     def grading_config(self):
         return self.ctx.config
+
+    @pytest.fixture
+    def attach(self) -> Callable[[str, bytes], None]:
+        """attach("q2_2_fig_sig_reference.png", png): a figure for the feedback pages."""
+        def add(name: str, png: bytes) -> None:
+            if ARTIFACT_NAME.match(name) and isinstance(png, bytes) and png.startswith(b"\x89PNG"):
+                self.artifacts[name] = png
+        return add
 
     # -- hooks
 
@@ -346,8 +358,10 @@ def _verdict(exc: BaseException | None) -> tuple[TestStatus, str]:
     return "error", f"the grader could not check this answer ({name}); your instructor has the details"
 
 
-def run_hidden_tests(tests_dir: str, ctx: GradingContext, *, extra_args: tuple[str, ...] = ()) -> list[TestOutcome]:
-    """Run the hidden tests in this (trusted) process and return the scored outcomes."""
+def run_hidden_tests(tests_dir: str, ctx: GradingContext, *,
+                     extra_args: tuple[str, ...] = ()) -> tuple[list[TestOutcome], dict[str, bytes]]:
+    """Run the hidden tests in this (trusted) process; return the scored outcomes and the figures
+    the tests attached."""
     plugin = GradingPlugin(ctx)
     # Only what grading needs: third-party plugins, pdb, output capture and the garbage-collecting
     # unraisable-exception hooks cost more than the tests themselves on a torch-sized heap.
@@ -361,5 +375,5 @@ def run_hidden_tests(tests_dir: str, ctx: GradingContext, *, extra_args: tuple[s
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
         raise RuntimeError(f"the hidden tests could not run (pytest exit code {int(code)}, "
                            f"{time.monotonic() - started:.1f} s)")
-    return plugin.scored_outcomes()
+    return plugin.scored_outcomes(), plugin.artifacts
 

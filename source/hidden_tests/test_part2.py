@@ -25,8 +25,22 @@ def _student_plot(student, find_figure, probe, model_name, fig_name, cell):
     return model, fig
 
 
-def _check(question, model_name, fig_name, cell, band, student, find_figure, probe, reference_data):
+def _reference_png(model) -> bytes:
+    """The helper's figure of the student's own model: what the plot should look like."""
+    import matplotlib.pyplot as plt
+    from vanishing_helpers import plot_grad
+
+    figure = plot_grad(model)
+    png = plots.capture_figure(figure, cell=0, index=0)["png"]
+    plt.close(figure)
+    return png
+
+
+def _check(question, model_name, fig_name, cell, band, student, find_figure, probe, reference_data, attach):
     model, fig = _student_plot(student, find_figure, probe, model_name, fig_name, cell)
+    attach(f"{question}_{fig_name}_reference.png", _reference_png(model))
+    if fig is not None:
+        attach(f"{question}_{fig_name}_student.png", fig.png)
     verdict = plots.check_gradient_plot(
         fig, expected_violins=4, band=reference_data["gradient_bands"][band],
         expected_grads=expected_gradients(model))
@@ -34,28 +48,28 @@ def _check(question, model_name, fig_name, cell, band, student, find_figure, pro
 
 
 @pytest.mark.question("q2_2", weight=3)
-def test_sigmoid_gradient_plot(student, find_figure, probe, reference_data):
+def test_sigmoid_gradient_plot(student, find_figure, probe, reference_data, attach):
     """the sigmoid model's gradient plot shows its gradients, in the reference's band"""
-    _check(*PLOTS[0], student, find_figure, probe, reference_data)
+    _check(*PLOTS[0], student, find_figure, probe, reference_data, attach)
 
 
 @pytest.mark.question("q2_4", weight=3)
-def test_tanh_gradient_plot(student, find_figure, probe, reference_data):
+def test_tanh_gradient_plot(student, find_figure, probe, reference_data, attach):
     """the tanh model's gradient plot shows its gradients, in the reference's band"""
-    _check(*PLOTS[1], student, find_figure, probe, reference_data)
+    _check(*PLOTS[1], student, find_figure, probe, reference_data, attach)
 
 
 @pytest.mark.question("q2_6", weight=3)
-def test_relu_gradient_plot(student, find_figure, probe, reference_data):
+def test_relu_gradient_plot(student, find_figure, probe, reference_data, attach):
     """the ReLU model's gradient plot shows its gradients, in the reference's band"""
-    _check(*PLOTS[2], student, find_figure, probe, reference_data)
+    _check(*PLOTS[2], student, find_figure, probe, reference_data, attach)
 
 
 @pytest.mark.question("q2_8", weight=1)
 @pytest.mark.parametrize("entry", PLOTS[3:], ids=lambda e: e[2])
-def test_glorot_gradient_plots(student, find_figure, probe, reference_data, entry):
+def test_glorot_gradient_plots(student, find_figure, probe, reference_data, attach, entry):
     """the Glorot models' gradient plots show their gradients, in the reference's band"""
-    _check(*entry, student, find_figure, probe, reference_data)
+    _check(*entry, student, find_figure, probe, reference_data, attach)
 
 
 @pytest.mark.parametrize("entry", [pytest.param(e, id=e[2], marks=pytest.mark.question(e[0])) for e in PLOTS])
@@ -66,13 +80,7 @@ def test_plot_matches_reference_image(student, find_figure, probe, grading_confi
     assert fig is not None, f"{fig_name}: no figure was produced"
     if fig.helper != "plot_grad":
         return  # drawn another way: judged by its content alone (the tests above)
-    import matplotlib.pyplot as plt
-    from vanishing_helpers import plot_grad
-
-    reference = plot_grad(model)
-    reference_png = plots.capture_figure(reference, cell=0, index=0)["png"]
-    plt.close(reference)
-    comparison = plots.compare_images(fig.png, reference_png, grading_config.plots.image_tolerance)
+    comparison = plots.compare_images(fig.png, _reference_png(model), grading_config.plots.image_tolerance)
     assert comparison.passed, f"{fig_name}: {comparison.message}"
 
 
