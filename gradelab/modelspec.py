@@ -167,3 +167,74 @@ def activations_between(described: dict) -> list[list[str]]:
         elif not groups:
             groups.append([spec["type"]])  # an activation before the first Linear layer
     return groups
+
+
+# Derivative of an activation from its input z and output h, for the analytic backward pass.
+_DERIVATIVES = {
+    nn.Sigmoid: lambda z, h, m: h * (1 - h),
+    nn.Tanh: lambda z, h, m: 1 - h * h,
+    nn.ReLU: lambda z, h, m: (z > 0).to(h.dtype),
+    nn.LeakyReLU: lambda z, h, m: torch.where(z > 0, 1.0, m.negative_slope).to(h.dtype),
+    nn.Identity: lambda z, h, m: torch.ones_like(h),
+}
+
+
+def train_logits_batched(models: list[nn.Sequential], inputs: torch.Tensor, targets: torch.Tensor, *,
+                         steps: int, lr: float) -> torch.Tensor:
+    """Train several rebuilt models of one architecture at once with full-batch SGD on
+    BCE-with-logits (mean over the batch), exactly as each would train alone; return their logits.
+
+    Plain SGD updates each parameter with its own gradient, so a sum of the models' losses trains
+    every model as if alone, in one pass per step. Linear layers with sigmoid, tanh, (leaky) ReLU
+    use hand-written backpropagation (about twice as fast as autograd at these tiny sizes); other
+    activations fall back to autograd.
+    """
+    layers = list(models[0])
+    linear = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
+    weights = [torch.stack([m[i].weight.detach() for m in models]).clone() for i in linear]
+    biases = [torch.stack([m[i].bias.detach() if m[i].bias is not None else torch.zeros(m[i].out_features,
+                                                                                        dtype=weights[0].dtype)
+                           for m in models]).clone() for i in linear]
+    x = inputs.to(weights[0].dtype).expand(len(models), *inputs.shape)
+    y = targets.to(weights[0].dtype).expand(len(models), targets.shape[0])
+    analytic = all(type(m) in _DERIVATIVES for m in layers if not isinstance(m, nn.Linear))
+
+    def forward(track: list | None) -> torch.Tensor:
+        h, k = x, 0
+        for module in layers:
+            if isinstance(module, nn.Linear):
+                z = torch.baddbmm(biases[k].unsqueeze(1), h, weights[k].transpose(1, 2))
+                k += 1
+            else:
+                z = module(h)
+            if track is not None:
+                track.append((module, h, z))  # input and output of each layer
+            h = z
+        return h.reshape(len(models), -1)
+
+    for _ in range(steps):
+        if analytic:
+            track: list = []
+            logits = forward(track)
+            delta = ((torch.sigmoid(logits) - y) / y.shape[1]).unsqueeze(-1)
+            k = len(weights) - 1
+            for module, h_in, h_out in reversed(track):
+                if isinstance(module, nn.Linear):
+                    grad_w, grad_b = torch.bmm(delta.transpose(1, 2), h_in), delta.sum(1)
+                    if k > 0:
+                        delta = torch.bmm(delta, weights[k])
+                    weights[k].sub_(grad_w, alpha=lr)
+                    biases[k].sub_(grad_b, alpha=lr)
+                    k -= 1
+                else:
+                    delta = delta * _DERIVATIVES[type(module)](h_in, h_out, module)
+        else:
+            params = [p.requires_grad_(True) for p in weights + biases]
+            loss = nn.functional.binary_cross_entropy_with_logits(forward(None), y, reduction="none").mean(1).sum()
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.sub_(lr * g)
+            weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
+    with torch.no_grad():
+        return forward(None)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from gradelab import plots
+from gradelab.modelspec import train_logits_batched
 
 XOR_INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 XOR_TARGETS = torch.tensor([0.0, 1.0, 1.0, 0.0])
@@ -64,41 +65,6 @@ def deep_reference(depth: int, activation: type[nn.Module], seed: int) -> nn.Seq
 
 
 def train_xor_batched(models: list[nn.Sequential], *, steps: int = 10_000, lr: float = 1e-3) -> torch.Tensor:
-    """xor_problem's training (SGD, BCE on logits, full batch) of several models of the same
-    architecture at once; returns each model's accuracy.
-
-    Plain SGD updates each parameter with its own gradient, so summing the models' losses trains
-    every model exactly as alone, in one pass per step instead of one per model.
-    """
-    first = models[0]
-    kinds = [type(m) for m in first]
-    weights = [torch.stack([m[i].weight.detach() for m in models]).requires_grad_(True)
-               for i, k in enumerate(kinds) if k is nn.Linear]
-    biases = [torch.stack([(m[i].bias.detach() if m[i].bias is not None else torch.zeros(m[i].out_features))
-                           for m in models]).requires_grad_(True)
-              for i, k in enumerate(kinds) if k is nn.Linear]
-    activations = [m for m in first if not isinstance(m, nn.Linear)]
-    x = XOR_INPUTS.to(weights[0].dtype).expand(len(models), 4, 2)
-    targets = XOR_TARGETS.to(weights[0].dtype).expand(len(models), 4)
-
-    def forward() -> torch.Tensor:
-        h, w_i, a_i = x, 0, 0
-        for kind in kinds:
-            if kind is nn.Linear:
-                h = torch.baddbmm(biases[w_i].unsqueeze(1), h, weights[w_i].transpose(1, 2))
-                w_i += 1
-            else:
-                h = activations[a_i](h)
-                a_i += 1
-        return h.reshape(len(models), 4)
-
-    params = weights + biases
-    for _ in range(steps):
-        loss = nn.functional.binary_cross_entropy_with_logits(forward(), targets, reduction="none").mean(1).sum()
-        grads = torch.autograd.grad(loss, params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.sub_(lr * g)
-    with torch.no_grad():
-        predicted = (forward() > 0).to(targets.dtype)
-    return (predicted == targets).to(torch.float64).mean(1)
+    """xor_problem's training (SGD, BCE on logits, full batch) of each model; their accuracies."""
+    logits = train_logits_batched(models, XOR_INPUTS, XOR_TARGETS, steps=steps, lr=lr)
+    return ((logits > 0).to(XOR_TARGETS.dtype) == XOR_TARGETS).to(torch.float64).mean(1)

@@ -1,0 +1,195 @@
+"""gradelab's benchmarks: figures printed side by side with a baseline, never asserted in tests.
+
+    ./run bench                    # everything below
+    ./run bench overhead           # engine overhead per submission (target < 150 ms)
+    ./run bench batch --sizes 50 200 --nbgrader 50
+
+overhead: grades the untouched release and the reference solution repeatedly with one warm
+worker and splits each grading into the time the sandbox spent in the student's code (cells and
+calls from hidden tests) and the rest: the engine's overhead (sandbox set-up, figure capture,
+the test runner, pytest, the wire, result writing).
+
+batch: generates batches with examples/make_submissions.py (a mix of correct, wrong, hostile and
+broken submissions), grades them with `gradelab grade` (all cores) and the first one with
+`nbgrader autograde` (nbgrader's own course layout, same notebooks), and prints seconds per
+submission, the ratio, the peak memory of each grading worker, and how time grows with size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+# ------------------------------------------------------------------ engine overhead
+
+
+def bench_overhead(rounds: int) -> dict:
+    from gradelab.grading import Grader, Project
+
+    grader = Grader(Project.load(ROOT))
+    cases = {"untouched release": ROOT / "release/vanishing_gradients/vanishing_gradients.ipynb",
+             "reference solution": ROOT / "source/vanishing_gradients/vanishing_gradients.ipynb"}
+    rows = {}
+    for label, path in cases.items():
+        grader.grade(path, "warm-up")
+        totals, students = [], []
+        for _ in range(rounds):
+            result = grader.grade(path, "bench")
+            totals.append(result.grading_time)
+            students.append(result.execution_time)
+        overheads = [t - s for t, s in zip(totals, students)]
+        rows[label] = {"total": _median(totals), "student code": _median(students),
+                       "overhead": _median(overheads), "overhead min": min(overheads)}
+    print("\nEngine overhead per submission (one warm worker; medians of", rounds, "runs; seconds)")
+    print(f"{'submission':22} {'total':>8} {'student code':>13} {'overhead':>9} {'min':>7}   target")
+    for label, row in rows.items():
+        print(f"{label:22} {row['total']:8.3f} {row['student code']:13.3f} {row['overhead']:9.3f} "
+              f"{row['overhead min']:7.3f}   < 0.150")
+    return rows
+
+
+# ------------------------------------------------------------------ memory sampling
+
+
+class TreeMemory(threading.Thread):
+    """Peak RSS of every process below a pid, sampled every 0.1 s (the notes' method)."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.stop_flag = pid, {}, threading.Event()
+
+    def _children(self) -> dict[int, tuple[int, str]]:
+        procs = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                status = Path(f"/proc/{entry}/status").read_text()
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:80]
+            except OSError:
+                continue
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            ppid = int(fields.get("PPid", "0"))
+            rss = int(fields.get("VmRSS", "0 kB").split()[0]) if "VmRSS" in fields else 0
+            procs[int(entry)] = (ppid, rss, cmd)
+        below, frontier = {}, {self.pid}
+        while frontier:
+            frontier = {p for p, (pp, _, _) in procs.items() if pp in frontier} - set(below)
+            below.update({p: (procs[p][1], procs[p][2]) for p in frontier})
+        return below
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            for pid, (rss, cmd) in self._children().items():
+                if rss > self.peak.get(pid, (0, ""))[0]:
+                    self.peak[pid] = (rss, cmd)
+            time.sleep(0.1)
+
+
+# ------------------------------------------------------------------ batches
+
+
+def _grade_with_gradelab(batch: Path, out: Path) -> tuple[float, int, float]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "gradelab.cli", "grade", str(batch), "--out", str(out),
+                             "--project", str(ROOT), "--force"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    memory = TreeMemory(proc.pid)
+    memory.start()
+    proc.wait()
+    seconds = time.monotonic() - started
+    memory.stop_flag.set()
+    # Direct children of the CLI are the pool workers (each with its sandboxes and test runners below).
+    workers = [rss for pid, (rss, cmd) in memory.peak.items() if "gradelab" in cmd or "python" in cmd]
+    summary = json.loads((out / "summary.json").read_text())
+    graded = summary["graded"] + summary["broken"] + summary["timeout"] + summary["crashed"]
+    return seconds, graded, max(workers, default=0) / 1024
+
+
+def _grade_with_nbgrader(batch: Path, work: Path) -> tuple[float, int]:
+    course = work / "course"
+    source = course / "source" / "vanishing_gradients"
+    shutil.copytree(ROOT / "source" / "vanishing_gradients", source)
+    (course / "nbgrader_config.py").write_text(
+        "c = get_config()\nc.CourseDirectory.root = %r\nc.CourseDirectory.course_id = 'bench'\n" % str(course))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # nbgrader runs alembic from PATH
+    subprocess.run(["nbgrader", "generate_assignment", "vanishing_gradients", "--force"], cwd=course, env=env,
+                   check=True, capture_output=True)
+    notebooks = sorted(batch.glob("*.ipynb"))
+    for nb in notebooks:
+        target = course / "submitted" / nb.stem / "vanishing_gradients"
+        target.mkdir(parents=True)
+        shutil.copy(nb, target / "vanishing_gradients.ipynb")
+    started = time.monotonic()
+    subprocess.run(["nbgrader", "autograde", "vanishing_gradients", "--force"], cwd=course, env=env,
+                   capture_output=True)
+    return time.monotonic() - started, len(notebooks)
+
+
+def bench_batch(sizes: list[int], nbgrader_size: int) -> dict:
+    from make_submissions import make_batch
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for size in sizes:
+            batch = tmp / f"batch{size}"
+            make_batch(batch, size)
+            seconds, graded, worker_mb = _grade_with_gradelab(batch, tmp / f"out{size}")
+            rows[f"gradelab {size}"] = {"seconds": seconds, "n": graded, "per": seconds / max(graded, 1),
+                                        "worker_mb": worker_mb}
+        if nbgrader_size:
+            batch = tmp / f"batch{nbgrader_size}"
+            if not batch.exists():
+                make_batch(batch, nbgrader_size)
+            seconds, n = _grade_with_nbgrader(batch, tmp / "nbgrader")
+            rows[f"nbgrader {nbgrader_size}"] = {"seconds": seconds, "n": n, "per": seconds / max(n, 1)}
+    print(f"\nBatch grading ({os.cpu_count()} cores; gradelab with one worker per core, nbgrader serial)")
+    print(f"{'run':16} {'submissions':>11} {'seconds':>9} {'s/submission':>13} {'peak MB/worker':>15}")
+    for label, row in rows.items():
+        mb = f"{row['worker_mb']:.0f}" if "worker_mb" in row else "-"
+        print(f"{label:16} {row['n']:11d} {row['seconds']:9.1f} {row['per']:13.2f} {mb:>15}")
+    ours = rows.get(f"gradelab {nbgrader_size}") or next(iter(rows.values()))
+    if f"nbgrader {nbgrader_size}" in rows:
+        ratio = rows[f"nbgrader {nbgrader_size}"]["per"] / ours["per"]
+        print(f"nbgrader / gradelab, seconds per submission: {ratio:.1f}x (target >= 10x)")
+    if len(sizes) > 1:
+        a, b = rows[f"gradelab {sizes[0]}"], rows[f"gradelab {sizes[-1]}"]
+        print(f"scaling {sizes[0]} -> {sizes[-1]}: {b['seconds'] / a['seconds']:.2f}x the time for "
+              f"{sizes[-1] / sizes[0]:.1f}x the submissions (linear = {sizes[-1] / sizes[0]:.1f}x)")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="?", choices=["all", "overhead", "batch"], default="all")
+    parser.add_argument("--rounds", type=int, default=10, help="repetitions for the overhead figures")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200], help="batch sizes graded by gradelab")
+    parser.add_argument("--nbgrader", type=int, default=50, help="batch size graded by nbgrader (0: skip)")
+    args = parser.parse_args()
+    if args.what in ("all", "overhead"):
+        bench_overhead(args.rounds)
+    if args.what in ("all", "batch"):
+        bench_batch(args.sizes, args.nbgrader)
+
+
+if __name__ == "__main__":
+    main()
