@@ -91,6 +91,11 @@ def grade_batch(source: Path, out_dir: Path, *, project: Path, workers: int | No
     started = time.monotonic()
     project = Path(project).resolve()
     config = load_config(project / CONFIG_FILE)
+    if require_sandbox:
+        from gradelab.sandbox import probe_layers  # no torch import: safe before forking workers
+
+        if missing := [f"{n} ({s})" for n, s in probe_layers().items() if s != "available"]:
+            raise SystemExit(f"--require-sandbox: isolation layers not available here: {'; '.join(missing)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     collected = collect(Path(source), out_dir / ".collected", notebook_name=config.assignment.notebook)
     summary = BatchSummary(out_dir=out_dir, collected=collected)

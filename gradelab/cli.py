@@ -66,8 +66,13 @@ def validate(notebook: Path, project: Path, require_sandbox: bool) -> None:
     fails, so it works as a pre-submit check and in CI.
     """
     from gradelab.grading import Grader, Project
+    from gradelab.sandbox import SandboxError
 
-    grader = Grader(Project.load(project), require_sandbox=require_sandbox)
+    try:
+        grader = Grader(Project.load(project), require_sandbox=require_sandbox)
+    except SandboxError as exc:
+        console.print(f"[bold red]refused:[/] {exc}")
+        sys.exit(2)
     result = grader.grade(notebook, notebook.stem)
     _print_result(result)
     auto_max = sum(q.points for q in grader.config.questions)

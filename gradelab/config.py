@@ -31,7 +31,7 @@ class AssignmentInfo(BaseModel):
 class Limits(BaseModel):
     """Resource limits of one submission's sandbox and deadlines of the grader."""
 
-    cell_timeout: float = 60
+    cell_timeout: float = 30
     test_timeout: float = 30
     submission_timeout: float = 300
     memory_mb: int = 2048

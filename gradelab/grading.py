@@ -112,6 +112,10 @@ class Grader:
         # The student-facing helper files are copied into each sandbox's private /tmp.
         self.helper_files = {p.name: p.read_bytes() for p in sorted(project.release_dir.glob("*.py"))}
         self.layers = sandbox.probe_layers()
+        missing = {name: state for name, state in self.layers.items() if state != "available"}
+        if require_sandbox and missing:
+            raise sandbox.SandboxError("--require-sandbox: these isolation layers are not available here: "
+                                       + "; ".join(f"{n} ({s})" for n, s in missing.items()))
         self.shell = executor.make_shell()
         _warm_up()
 
