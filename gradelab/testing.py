@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 import re
@@ -363,6 +364,9 @@ def run_hidden_tests(tests_dir: str, ctx: GradingContext, *,
     """Run the hidden tests in this (trusted) process; return the scored outcomes and the figures
     the tests attached."""
     plugin = GradingPlugin(ctx)
+    # A runner forked from a pytest process (the project's own tests) inherits its assertion
+    # rewriting import hook: rewritten asserts would put hidden test source into messages.
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "AssertionRewritingHook"]
     # Only what grading needs: third-party plugins, pdb, output capture and the garbage-collecting
     # unraisable-exception hooks cost more than the tests themselves on a torch-sized heap.
     os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"

@@ -1,0 +1,94 @@
+"""Grading one submission: the contract of the engine (issue 3's guarantees, issue 4's format)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gradelab.config import load_config
+from gradelab.grading import Grader, Project
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def grader(root) -> Grader:
+    return Grader(Project.load(root))
+
+
+@pytest.fixture(scope="module")
+def reference_result(grader, root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    return grader.grade(root / "source/vanishing_gradients/vanishing_gradients.ipynb", "reference", out_dir=out), out
+
+
+def test_reference_scores_full_marks(reference_result, root):
+    result, _ = reference_result
+    config = load_config(root / "grading_config.yml")
+    assert result.status == "graded"
+    failed = [(t.name, t.output) for t in result.tests if t.status != "passed"]
+    assert not failed
+    for question in result.questions:
+        assert question.score == pytest.approx(config.question(question.id).points), question.id
+    assert result.score == pytest.approx(sum(q.points for q in config.questions))
+
+
+def test_results_json_is_gradescope_format(reference_result):
+    result, out = reference_result
+    document = json.loads((out / "reference" / "results.json").read_text())
+    assert document["score"] == pytest.approx(result.score)
+    assert document["tests"] and all({"name", "score", "max_score", "output", "visibility", "tags"} <= set(t)
+                                     for t in document["tests"])
+    assert all(len(t["tags"]) == 1 and t["tags"][0].startswith("q") for t in document["tests"])
+    assert json.loads((out / "reference" / "submission.json").read_text())["student_id"] == "reference"
+
+
+def test_plot_figures_are_written_beside_their_reference(reference_result):
+    _, out = reference_result
+    figures = out / "reference" / "figures"
+    for question, name in (("q2_2", "fig_sig"), ("q2_8", "fig2_tanh")):
+        assert (figures / f"{question}_{name}_student.png").read_bytes().startswith(b"\x89PNG")
+        assert (figures / f"{question}_{name}_reference.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_untouched_release_scores_zero_with_not_answered(grader, root):
+    result = grader.grade(root / "release/vanishing_gradients/vanishing_gradients.ipynb", "blank")
+    assert result.status == "graded" and result.score == 0
+    assert all(t.status != "passed" for t in result.tests)
+    assert not any("assert " in t.output or "Traceback" in t.output for t in result.tests), "no test code shown"
+    for question in result.questions:
+        if question.kind != "manual":
+            outputs = [t.output for t in result.tests if t.question == question.id]
+            assert any("not answered" in o or "not defined" in o for o in outputs), (question.id, outputs)
+
+
+def test_same_submission_same_score_and_messages(grader, root):
+    path = root / "release/vanishing_gradients/vanishing_gradients.ipynb"
+    first, second = grader.grade(path, "a"), grader.grade(path, "a")
+    assert [(t.name, t.score, t.output) for t in first.tests] == [(t.name, t.score, t.output) for t in second.tests]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"{\"cells\": [", "not valid notebook JSON"),
+    (b"[1, 2, 3]", "not a Jupyter notebook"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00binary", "not text"),
+])
+def test_broken_files_get_a_clear_message(grader, tmp_path, content, message):
+    path = tmp_path / "broken.ipynb"
+    path.write_bytes(content)
+    result = grader.grade(path, "broken", out_dir=tmp_path / "out")
+    assert result.status == "broken" and result.score == 0
+    assert message in result.messages[0]
+    assert json.loads((tmp_path / "out" / "broken" / "results.json").read_text())["score"] == 0
+
+
+def test_every_layer_reported_and_active_as_root(reference_result):
+    result, _ = reference_result
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("the full sandbox needs root (CI runs as root)")
+    assert result.sandbox_layers and all(state == "available" for state in result.sandbox_layers.values())
