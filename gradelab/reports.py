@@ -176,7 +176,7 @@ Score after the penalty: <strong>{{ page.late.final|points }}</strong>.{% else %
 {% if q.hidden_passed or q.hidden_failed %}
 <p class="hidden-tests">Hidden tests: {{ q.hidden_passed }} passed, {{ q.hidden_failed }} failed.</p>
 {% endif %}
-{% if q.pending_points %}<p>Up to {{ q.pending_points|points }} points will be added by manual grading.</p>{% endif %}
+{% if q.pending_points %}<p>Manual grading will add up to {{ q.pending_points|points }} {{ "point" if q.pending_points == 1 else "points" }}.</p>{% endif %}
 {% if q.manual_comment %}<p class="manual"><strong>Grader's comment:</strong> {{ q.manual_comment }}</p>{% endif %}
 {% if q.plot %}{{ panels(q.plot) }}{% endif %}
 </section>
