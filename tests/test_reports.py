@@ -167,7 +167,7 @@ def test_feedback_shows_scores_and_visible_failures(batch: Batch) -> None:
     html = batch.feedback("s02_partial")
     assert "Score: <strong>5 / 10</strong>" in html  # 7 automatic points, 2 lost
     assert "not final: manual grading of q2_1, q2_2" in html
-    assert "Up to 2 points will be added by manual grading." in html
+    assert "Manual grading will add up to 2 points." in html
     assert "sigmoid(0) should be 0.5, got 0.25" in html
     assert "test_sigmoid_derivative" in html  # after_due_date tests are shown
     assert "<td>partial credit</td>" in html
