@@ -138,6 +138,7 @@ class Grader:
             if out_dir:
                 write_result(out_dir / student_id, result)
             return result
+        submission.private_paths = _private_paths(path, out_dir)
         seed = submission_seed(self.config.assignment.seed, content_hash)
         try:
             outcomes, execution, messages = self._grade_executed(submission, seed)
@@ -166,7 +167,7 @@ class Grader:
 
     # -------------------------------------------------------------- sandbox
 
-    def _spawn_sandbox(self, cells: list[tuple[int, str]], seed: int):
+    def _spawn_sandbox(self, cells: list[tuple[int, str]], seed: int, private: list[Path]):
         ctl_parent, ctl_child = socket.socketpair()
         rpc_runner, rpc_child = socket.socketpair()
         helper_files, shell, limits = self.helper_files, self.shell, self.config.limits
@@ -180,7 +181,7 @@ class Grader:
 
         box = sandbox.Sandbox.spawn(target, limits=self.limits, slot=self.slot,
                                     keep_fds=[ctl_child.fileno(), rpc_child.fileno()],
-                                    hide=self.project.secret_paths(), require=self.require_sandbox)
+                                    hide=self.project.secret_paths() + private, require=self.require_sandbox)
         ctl_child.close()
         rpc_child.close()
         return box, ctl_parent, rpc_runner
@@ -191,7 +192,7 @@ class Grader:
         Returns the live sandbox and the test runner's end of its RPC socket."""
         while True:
             cells = [(i, src) for i, src in submission.to_execute() if i not in execution.skipped]
-            box, ctl, rpc = self._spawn_sandbox(cells, seed)
+            box, ctl, rpc = self._spawn_sandbox(cells, seed, submission.private_paths)
             stop = self._follow(box, ctl, execution, deadline)
             ctl.close()
             if stop is None:
@@ -382,6 +383,15 @@ def _import_reference(solutions_dir: Path):
     sys.modules[REFERENCE_MODULE] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _private_paths(path: Path, out_dir: Path | None) -> list[Path]:
+    """The submission's folder (other students' notebooks) and the output folder (their results),
+    unless hiding one would hide Python or gradelab itself, or is a system folder."""
+    needed = [Path(sys.prefix).resolve(), Path(__file__).resolve().parent]
+    candidates = {path.resolve().parent, *([out_dir.resolve()] if out_dir else [])}
+    return sorted(p for p in candidates if p.exists() and p not in (Path("/"), Path("/tmp"))
+                  and not any(n.is_relative_to(p) for n in needed))
 
 
 def _answers_by_question(submission: Submission) -> dict[str, str]:

@@ -34,6 +34,8 @@ class Submission:
     cells: list[CodeCell]
     problems: list[str] = field(default_factory=list)
     answers: dict[str, str] = field(default_factory=dict)  # grade_id of a manual cell -> its text
+    # Other students' files and the results beside this one: the sandbox must not read them.
+    private_paths: list[Path] = field(default_factory=list)
 
     def to_execute(self) -> list[tuple[int, str]]:
         """Cells the grader runs: everything but the public-check cells, whose verdicts do not count."""

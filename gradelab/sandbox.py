@@ -378,8 +378,12 @@ class Sandbox:
                  if controller in cgroups]
         # The gradelab package is code only; the RPC server that runs in the sandbox may import from it.
         package_dir = os.path.dirname(os.path.abspath(__file__))
+        # The working directory (sys.path[0] under `python -m`) is where instructors keep submissions
+        # and results: never a read tree by default.
+        cwd = os.getcwd()
         read_trees = [*_READ_ONLY_TREES, sys.prefix, sys.base_prefix, sys.exec_prefix, package_dir,
-                      *(entry for entry in sys.path if entry), *map(os.fspath, readable)]
+                      *(entry for entry in sys.path if entry and os.path.abspath(entry) != cwd),
+                      *map(os.fspath, readable)]
         report_read, report_write = os.pipe()
         plan = _Plan(
             limits=limits, uid=UID_BASE + slot, root=os.geteuid() == 0, keep_fds=tuple(keep_fds),

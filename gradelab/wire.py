@@ -58,9 +58,11 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {
     for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
                  "uint8", "uint16", "uint32", "uint64", "bool")
 }
+# np.longlong and np.ulonglong are distinct classes from np.int64 and np.uint64 on Linux.
 _NUMPY_SCALARS: dict[type, type] = {
     np.bool_: bool,
-    **{t: int for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)},
+    **{t: int for t in (np.int8, np.int16, np.int32, np.int64, np.longlong,
+                        np.uint8, np.uint16, np.uint32, np.uint64, np.ulonglong)},
     **{t: float for t in (np.float16, np.float32, np.float64)},
 }
 _TAGS = {
@@ -187,6 +189,8 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES) -> object:
         raise WireError(f"claims {count} blobs, more than the message can hold")
     blobs: list[bytes] = []
     for _ in range(count):
+        if len(data) - pos < _LENGTH.size:
+            raise WireError("truncated blob header")
         (size,) = _LENGTH.unpack_from(data, pos)
         pos += _LENGTH.size
         if size > len(data) - pos:
@@ -256,14 +260,20 @@ def _take_blob(index: object, blobs: list[bytes], used: list[bool]) -> bytes:
     return blobs[index]
 
 
-def _check_shape(shape: object, blob: bytes, itemsize: int, max_dim: int) -> list[int]:
+def _check_shape(shape: object, blob: bytes, itemsize: int) -> list[int]:
     if type(shape) is not list or len(shape) > _MAX_DIMS:
         raise WireError(f"shape must be a list of at most {_MAX_DIMS} sizes")
-    numel = 1
+    # With data, numel <= len(blob) bounds every dimension; a zero-size shape must not claim absurd
+    # dimensions either, or torch's and numpy's stride computations overflow.
+    limit = max(len(blob), MAX_BYTES)
+    numel = extent = 1
     for size in shape:
-        if type(size) is not int or not 0 <= size <= max_dim:
+        if type(size) is not int or size < 0:
             raise WireError(f"invalid dimension size {size!r}")
         numel *= size
+        extent *= max(size, 1)
+        if extent > limit:
+            raise WireError(f"shape {shape[:8]} is too large")
     if numel * itemsize != len(blob):
         raise WireError(f"blob has {len(blob)} bytes, shape {shape} needs {numel * itemsize}")
     return shape
@@ -279,7 +289,7 @@ def _tensor_from_blob(blob: bytes, dtype_name: object, shape: object) -> torch.T
     dtype = _TORCH_DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
         raise WireError(f"tensor dtype {dtype_name!r} is not allowed")
-    shape = _check_shape(shape, blob, dtype.itemsize, max_dim=len(blob) or MAX_BYTES)
+    shape = _check_shape(shape, blob, dtype.itemsize)
     if dtype is torch.bool:
         _check_bool_bytes(blob)
     if not blob:  # torch.frombuffer refuses an empty buffer
@@ -291,7 +301,7 @@ def _array_from_blob(blob: bytes, dtype_name: object, shape: object) -> np.ndarr
     dtype = _NUMPY_DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
         raise WireError(f"array dtype {dtype_name!r} is not allowed")
-    shape = _check_shape(shape, blob, dtype.itemsize, max_dim=len(blob) or MAX_BYTES)
+    shape = _check_shape(shape, blob, dtype.itemsize)
     if dtype.kind == "b":
         _check_bool_bytes(blob)
     little = np.frombuffer(blob, dtype=dtype.newbyteorder("<")).reshape(shape)

@@ -92,3 +92,43 @@ def test_every_layer_reported_and_active_as_root(reference_result):
     if os.geteuid() != 0:
         pytest.skip("the full sandbox needs root (CI runs as root)")
     assert result.sandbox_layers and all(state == "available" for state in result.sandbox_layers.values())
+
+
+SNOOP = '''
+import os
+def _readable(path):
+    try:
+        with open(path, "rb") as handle:
+            return bool(handle.read(10))
+    except OSError:
+        return False
+_found = [p for p in {paths!r} if _readable(p)]
+y = torch.tensor(7.0) if not _found else torch.tensor(float(len(_found)))
+'''
+
+
+@pytest.mark.parametrize("targets_private", [True, False], ids=["others' files", "own /tmp (control)"])
+def test_submission_cannot_read_classmates_or_results(grader, root, tmp_path, targets_private):
+    """A cell tries to read a classmate's notebook, the results folder and the grade store; the
+    q1_1 test of `y` passes only if nothing was readable. The control reads the sandbox's own
+    /tmp, which must work, so the mechanism is shown to detect a successful read."""
+    import nbformat
+
+    batch, out = tmp_path / "batch", tmp_path / "out"
+    batch.mkdir()
+    (out / "classmate").mkdir(parents=True)
+    (batch / "classmate.ipynb").write_text("{'secret': 'answers'}")
+    (out / "classmate" / "results.json").write_text('{"score": 44}')
+    (out / "gradebook.sqlite").write_text("sqlite")
+    paths = ([str(batch / "classmate.ipynb"), str(out / "classmate" / "results.json"), str(out / "gradebook.sqlite")]
+             if targets_private else ["/tmp/vanishing_helpers.py"])
+    nb = nbformat.read(root / "release/vanishing_gradients/vanishing_gradients.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(SNOOP.format(paths=paths)))
+    path = batch / "snoop.ipynb"
+    nbformat.write(nb, path)
+    result = grader.grade(path, "snoop", out_dir=out)
+    y_test = next(t for t in result.tests if t.question == "q1_1" and t.name.startswith("y and z"))
+    if targets_private:
+        assert "y should hold 7" not in y_test.output, y_test.output
+    else:
+        assert "y should hold 7" in y_test.output, y_test.output
