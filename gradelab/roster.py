@@ -74,6 +74,11 @@ _COLUMN_ALIASES = {
     "student id": "id_number",
     "id number": "id_number",
     "username": "sis_login_id",
+    "canvas_id": "canvas_id",
+    "canvas id": "canvas_id",
+    "canvas user id": "canvas_id",
+    "sis user id": "sis_user_id",
+    "section": "section",
     # The worksheet's "Identifier" ("Participant 123") is the id in Moodle's download folder names.
     "identifier": "moodle_id",
     "participant id": "moodle_id",
