@@ -318,7 +318,9 @@ class Grader:
             return
         execution.restarts += 1
         try:
-            box, rpc = self._execute(submission, seed, Execution(skipped=set(execution.skipped)), deadline)
+            # Execution is deterministic: a cell that timed out would time out again.
+            timed_out = {i for i, cell in execution.cells.items() if cell.get("status") == "timeout"}
+            box, rpc = self._execute(submission, seed, Execution(skipped=execution.skipped | timed_out), deadline)
         except SubmissionTimeout:
             wire.send_msg(control, {"ok": False, "message": "the notebook could not be run again"})
             return

@@ -91,8 +91,11 @@ class StudentProxy:
         self._link = link
         self._seed = seed
         self._broken = False  # the current sandbox died or hung; restart before the next request
+        self._timed_out: set[str] = set()  # functions that hung once: not waited for again
 
     def _request(self, op: str, name: str | None = None, *, seed: int | None = None, **fields: Any) -> Any:
+        if name in self._timed_out:
+            raise StudentTimeout(f"`{name}` did not return within {self._link.call_timeout:g} s in an earlier test")
         if self._broken:
             self._link.restart()
             self._broken = False
@@ -106,6 +109,8 @@ class StudentProxy:
         except TimeoutError:
             self._link.student_seconds += self._link.call_timeout
             self._broken = True
+            if name is not None:
+                self._timed_out.add(name)
             raise StudentTimeout(f"{what} did not return within {self._link.call_timeout:g} s") from None
         except (EOFError, OSError, wire.WireError) as exc:
             self._broken = True
