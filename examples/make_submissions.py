@@ -541,12 +541,14 @@ BONUS_LEFT_AS_TEMPLATE = {
     "qb_1_he": "def he_init_(model, negative_slope=0.0):\n    raise NotImplemented",
     "qb_2_saturation": 'def saturation_fraction(model, inputs, threshold=0.99):\n    raise NotImplemented("bonus")',
 }
-UNIFORM_0_1 = edit(CORRECT["q1_4_build_model"], "nn.init.uniform_(layer.weight, -1.0, 1.0)", "nn.init.uniform_(layer.weight)")
+UNIFORM_0_1 = edit(CORRECT["q1_4_build_model"], "nn.init.uniform_(layer.weight, -1.0, 1.0)",
+                   "nn.init.uniform_(layer.weight)")
 NEGATIVE_WEIGHTS_ONLY = edit(edit(CORRECT["q3_2_negative"], "module.weight.fill_(-1.0)", "module.weight.fill_(-0.01)"),
                              "\n                module.bias.fill_(-1.0)  # or a positive bias still opens the ReLU", "")
 LAST_LINEAR = "            nn.Linear(2, 2),\n        )"
 OUTPUT_WIDTH_1 = edit(CORRECT["q1_4_build_model"], LAST_LINEAR, "            nn.Linear(2, 1),\n        )")
-ACTIVATION_AFTER_OUTPUT = edit(CORRECT["q1_4_build_model"], LAST_LINEAR, "            nn.Linear(2, 2), activation,\n        )")
+ACTIVATION_AFTER_OUTPUT = edit(CORRECT["q1_4_build_model"], LAST_LINEAR,
+                               "            nn.Linear(2, 2), activation,\n        )")
 TWO_HIDDEN_LAYERS = edit(CORRECT["q1_4_build_model"], "nn.Linear(2, 2), activation,\n            " * 2,
                          "nn.Linear(2, 2), activation,\n            ")
 ACTIVATION_IGNORED = edit(CORRECT["q1_4_build_model"], "model = NeuralNetwork(activation)", "model = NeuralNetwork()")
@@ -585,6 +587,7 @@ ALWAYS_EQUAL = code('''
     def my_sigmoid_grad(a):
         return AlwaysEqual()
 ''')
+ALWAYS_EQUAL_GRADIENTS = CORRECT["q1_3_autograd"] + "\npytorch_gradients = AlwaysEqual()"
 
 TENSOR_SUBCLASS = code('''
     class Agreeable(torch.Tensor):
@@ -656,8 +659,8 @@ READ_SECRETS = code("""
 
     def steal():
         found = []
-        # Where the grader runs from, and a glob over / a few levels deep.
-        roots = {os.getcwd(), *(os.path.dirname(entry) for entry in sys.path if entry)}
+        # Known layouts, where the grader runs from, and a glob over / a few levels deep.
+        roots = {"/work/main", "/autograder/source", os.getcwd(), *(os.path.dirname(p) for p in sys.path if p)}
         candidates = {os.path.join(root, name) for root in roots for name in SECRETS}
         for depth in range(4):
             candidates.update(p for name in SECRETS for p in glob.glob("/" + "*/" * depth + name))
@@ -753,6 +756,8 @@ HANGING_CELL = edit(CORRECT["q3_1_depth"], code("""
                 pass
             return depth
 """))
+# The student's own extra cell: ReLU gradients never die, so this loops forever too.
+RELU_DEPTH = "# and for ReLU?\nrelu_depth = dying_depth(nn.ReLU())"
 
 HUGE_OUTPUT = joined(code("""
     import os
@@ -864,8 +869,7 @@ VARIANTS: dict[str, Variant] = {
     "wrong_linear_xor_plot_of_wrong_model": Variant({**CORRECT, "q3_3_xor": LINEAR_XOR,
                                                      "q2_4_plot": TANH_PLOT_OF_SIGMOID_MODEL}),
     # hostile, each in the student's own answer cells
-    "hostile_always_equal": Variant({**FAST, "q1_2_sigmoid": ALWAYS_EQUAL,
-                                     "q1_3_autograd": CORRECT["q1_3_autograd"] + "\npytorch_gradients = AlwaysEqual()"}),
+    "hostile_always_equal": Variant({**FAST, "q1_2_sigmoid": ALWAYS_EQUAL, "q1_3_autograd": ALWAYS_EQUAL_GRADIENTS}),
     "hostile_tensor_subclass": Variant({**FAST, "q1_2_sigmoid": TENSOR_SUBCLASS}),
     "hostile_monkeypatch": Variant({**FAST, "q1_2_sigmoid": MONKEYPATCH}),
     "hostile_forged_results": Variant({**FAST, "q1_1_tensors": FORGED_RESULTS}),
@@ -873,7 +877,8 @@ VARIANTS: dict[str, Variant] = {
     "hostile_network": Variant({**FAST, "qb_2_saturation": PHONE_HOME}),
     "hostile_fork_bomb": Variant({**FAST, "qb_1_he": FORK_BOMB}),
     "hostile_memory_bomb": Variant({**FAST, "q3_2_negative": MEMORY_BOMB}),
-    "hostile_infinite_loops": Variant({**FAST, "qb_3_loss": HANGING_FUNCTION, "q3_1_depth": HANGING_CELL}),
+    "hostile_infinite_loops": Variant({**FAST, "qb_3_loss": HANGING_FUNCTION, "q3_1_depth": HANGING_CELL},
+                                      extra_cells={"q3_1_depth": RELU_DEPTH}),
     "hostile_huge_output": Variant({**FAST, "q1_4_build_model": HUGE_OUTPUT}),
     "hostile_kill_processes": Variant({**FAST, "q2_6_plot": KILL_PROCESSES}),
     "hostile_poison_and_gc_walk": Variant({**FAST, "q3_1_deep": POISON_MODULES, "q3_2_negative": GC_WALK}),
@@ -911,15 +916,18 @@ def build_notebook(variant: Variant, release: NotebookNode, student_id: str) -> 
     nb.metadata["student"] = student_id  # as real files differ: distinct students, distinct contents
     for grade_id, source in variant.answers.items():
         nb.cells[_index(nb, grade_id)].source = source
+    # New cells get ids derived from their place, so that the files are the same on every run.
     for grade_id, source in variant.extra_cells.items():
-        nb.cells.insert(_index(nb, grade_id) + 1, nbformat.v4.new_code_cell(source))
+        nb.cells.insert(_index(nb, grade_id) + 1, nbformat.v4.new_code_cell(source, id=f"after-{grade_id}"))
     for grade_id in variant.duplicate:
         original = nb.cells[_index(nb, grade_id)]
-        copied = nbformat.v4.new_code_cell(original.source, metadata=copy.deepcopy(original.metadata))
+        copied = nbformat.v4.new_code_cell(original.source, id=f"copy-of-{grade_id}",
+                                           metadata=copy.deepcopy(original.metadata))
         nb.cells.insert(_index(nb, grade_id) + 1, copied)
     for grade_id in variant.to_markdown:
         i = _index(nb, grade_id)
-        nb.cells[i] = nbformat.v4.new_markdown_cell(nb.cells[i].source, metadata=nb.cells[i].metadata)
+        nb.cells[i] = nbformat.v4.new_markdown_cell(nb.cells[i].source, id=nb.cells[i].id,
+                                                  metadata=nb.cells[i].metadata)
     for grade_id in variant.delete:
         del nb.cells[_index(nb, grade_id)]
     if variant.swap:

@@ -146,6 +146,11 @@ class Grader:
         except SubmissionTimeout as exc:
             outcomes, execution, messages = exc.outcomes, exc.execution, [str(exc)]
             status = "timeout"
+        except Exception as exc:  # the grader's own fault: report it, and let the batch go on
+            outcomes, execution = [], Execution()
+            messages = [f"The grader failed on this submission ({type(exc).__name__}: {exc}); "
+                        f"it was not graded and needs the instructor's attention."]
+            status = "crashed"
         messages = submission.problems + _execution_messages(execution) + messages
         if missing := [n for n, state in self.layers.items() if state != "available"]:
             messages.append("Sandbox layers not available on this machine: " + ", ".join(missing))
@@ -284,25 +289,38 @@ class Grader:
             finally:
                 os._exit(code)
         control_runner.close()
+        collected: list[TestOutcome] = []  # every test, as "not finished" until its verdict arrives
+        verdicts: dict[tuple[str, str], TestOutcome] = {}
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise SubmissionTimeout(
                         f"grading took longer than {self.config.limits.submission_timeout:g} s; "
-                        f"the tests that had not finished score 0", [], execution)
+                        f"the tests that had not finished score 0", _merge(collected, verdicts), execution)
                 try:
                     message = wire.recv_msg(control_parent, timeout=remaining, max_bytes=64 << 20)
+                except TimeoutError:
+                    continue
                 except (EOFError, OSError, wire.WireError):
                     raise RuntimeError("the test runner stopped unexpectedly") from None
-                if message.get("op") == "restart":
+                op = message.get("op")
+                if op == "collected":
+                    collected = [TestOutcome(name=name, question=question, score=0.0, max_score=points,
+                                             status="timeout", visibility=visibility,
+                                             output="not finished before the submission's time limit")
+                                 for name, question, points, visibility in message["tests"]]
+                elif op == "outcome":
+                    outcome = TestOutcome.model_validate(message["outcome"])
+                    verdicts[(outcome.question, outcome.name)] = outcome
+                elif op == "restart":
                     self._restart_for_runner(control_parent, submission, seed, execution, deadline, boxes)
-                elif message.get("op") == "done":
+                elif op == "done":
                     execution.call_seconds = float(message.get("student_seconds", 0.0))
                     execution.artifacts = {k: v for k, v in message.get("artifacts", {}).items()
                                            if testing.ARTIFACT_NAME.match(k) and isinstance(v, bytes)}
-                    return [TestOutcome.model_validate(o) for o in message["outcomes"]]
-                elif message.get("op") == "failed":
+                    return _merge(collected, verdicts)
+                elif op == "failed":
                     raise RuntimeError(message.get("message", "the hidden tests could not run"))
         finally:
             _reap(pid)
@@ -369,9 +387,8 @@ def _test_runner_main(project: Project, payload: dict, rpc: socket.socket, contr
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)  # pytest's own report and warnings are not needed; outcomes go back as data
         os.dup2(devnull, 2)
-        outcomes, artifacts = testing.run_hidden_tests(str(project.tests_dir), ctx)
-        wire.send_msg(control, {"op": "done", "outcomes": [o.model_dump() for o in outcomes],
-                                "student_seconds": ctx.link.student_seconds, "artifacts": artifacts})
+        artifacts = testing.run_hidden_tests(str(project.tests_dir), ctx, lambda m: wire.send_msg(control, m))
+        wire.send_msg(control, {"op": "done", "student_seconds": ctx.link.student_seconds, "artifacts": artifacts})
         return 0
     except Exception as exc:
         wire.send_msg(control, {"op": "failed", "message": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -385,6 +402,11 @@ def _import_reference(solutions_dir: Path):
     sys.modules[REFERENCE_MODULE] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _merge(collected: list[TestOutcome], verdicts: dict[tuple[str, str], TestOutcome]) -> list[TestOutcome]:
+    """Every collected test, with its verdict where one arrived."""
+    return [verdicts.get((t.question, t.name), t) for t in collected]
 
 
 def _private_paths(path: Path, out_dir: Path | None) -> list[Path]:

@@ -69,7 +69,8 @@ def read_notebook(path: Path) -> nbformat.NotebookNode:
     except UnicodeDecodeError:
         raise BrokenNotebook("the file is not text (is it a notebook? a zip or PDF was perhaps uploaded)") from None
     except json.JSONDecodeError as exc:
-        hint = " (it looks cut off: was the upload interrupted?)" if exc.pos >= len(raw.rstrip()) - 1 else ""
+        # A notebook is one JSON object: one that does not end with "}" was cut off.
+        hint = "" if raw.rstrip().endswith(b"}") else " (it looks cut off: was the upload interrupted?)"
         raise BrokenNotebook(f"the file is not valid notebook JSON: {exc.msg} at line {exc.lineno}{hint}") from None
     if not isinstance(data, dict) or "cells" not in data and "worksheets" not in data:
         raise BrokenNotebook("the file is JSON but not a Jupyter notebook (no cells)")

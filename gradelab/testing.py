@@ -229,19 +229,26 @@ class GradingContext:
 
 @dataclass
 class _Collected:
-    nodeid: str
     name: str
     question: str
     weight: float
     visibility: str
+    max_score: float = 0.0
+
+
+Report = Callable[[dict], None]  # sends one message to the supervisor
 
 
 @dataclass
 class GradingPlugin:
-    """Registered with `pytest.main(plugins=[...])` in the test runner process."""
+    """Registered with `pytest.main(plugins=[...])` in the test runner process.
+
+    Each verdict is reported the moment its test ends, so that a deadline that stops the runner
+    loses only the tests that had not finished.
+    """
 
     ctx: GradingContext
-    outcomes: list[tuple[str, TestOutcome]] = field(default_factory=list)  # (nodeid, outcome)
+    report: Report
     artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG, for feedback pages
     _items: dict[str, _Collected] = field(default_factory=dict)
     _proxy: StudentProxy | None = None
@@ -306,39 +313,30 @@ class GradingPlugin:
             # is never shown and costs more than running the test.
             item.repr_failure = _plain_failure
             self._items[item.nodeid] = _Collected(
-                nodeid=item.nodeid, name=_display_name(item), question=marker.args[0],
-                weight=float(marker.kwargs.get("weight", 1.0)),
+                name=_display_name(item), question=marker.args[0], weight=float(marker.kwargs.get("weight", 1.0)),
                 visibility=marker.kwargs.get("visibility", "visible"))
+        # A question's points are split over its tests by weight.
+        weights: dict[str, float] = {}
+        for c in self._items.values():
+            weights[c.question] = weights.get(c.question, 0.0) + c.weight
+        for c in self._items.values():
+            c.max_score = self.ctx.question_points.get(c.question, 0.0) * c.weight / weights[c.question]
+        self.report({"op": "collected", "tests": [[c.name, c.question, c.max_score, c.visibility]
+                                                  for c in self._items.values()]})
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = yield
         if report.when == "call" or (report.when == "setup" and report.failed):
-            self._record(item, call, report)
+            c = self._items[item.nodeid]
+            status, output = "passed", ""
+            if report.failed:
+                status, output = _verdict(call.excinfo.value if call.excinfo else None)
+            outcome = TestOutcome(name=c.name, question=c.question, max_score=c.max_score,
+                                  score=c.max_score if status == "passed" else 0.0, status=status, output=output,
+                                  visibility=c.visibility, duration=round(call.duration, 4))
+            self.report({"op": "outcome", "outcome": outcome.model_dump()})
         return report
-
-    def _record(self, item, call, report) -> None:
-        collected = self._items[item.nodeid]
-        status, output = "passed", ""
-        if report.failed:
-            exc = call.excinfo.value if call.excinfo else None
-            status, output = _verdict(exc)
-        self.outcomes.append((item.nodeid, TestOutcome(
-            name=collected.name, question=collected.question, score=0.0, max_score=0.0,
-            status=status, output=output, visibility=collected.visibility, duration=round(call.duration, 4))))
-
-    def scored_outcomes(self) -> list[TestOutcome]:
-        """Outcomes with points: a question's points split over its tests by weight."""
-        weights: dict[str, float] = {}
-        for c in self._items.values():
-            weights[c.question] = weights.get(c.question, 0.0) + c.weight
-        scored = []
-        for nodeid, outcome in self.outcomes:
-            c = self._items[nodeid]
-            max_score = self.ctx.question_points.get(c.question, 0.0) * c.weight / weights[c.question]
-            scored.append(outcome.model_copy(update={
-                "max_score": max_score, "score": max_score if outcome.status == "passed" else 0.0}))
-        return scored
 
 
 def _plain_failure(excinfo, style=None) -> str:
@@ -364,11 +362,11 @@ def _verdict(exc: BaseException | None) -> tuple[TestStatus, str]:
     return "error", f"the grader could not check this answer ({name}); your instructor has the details"
 
 
-def run_hidden_tests(tests_dir: str, ctx: GradingContext, *,
-                     extra_args: tuple[str, ...] = ()) -> tuple[list[TestOutcome], dict[str, bytes]]:
-    """Run the hidden tests in this (trusted) process; return the scored outcomes and the figures
-    the tests attached."""
-    plugin = GradingPlugin(ctx)
+def run_hidden_tests(tests_dir: str, ctx: GradingContext, report: Report, *,
+                     extra_args: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Run the hidden tests in this (trusted) process, reporting each verdict through `report`;
+    return the figures the tests attached."""
+    plugin = GradingPlugin(ctx, report)
     # A runner forked from a pytest process (the project's own tests) inherits its assertion
     # rewriting import hook: rewritten asserts would put hidden test source into messages.
     sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "AssertionRewritingHook"]
@@ -384,5 +382,5 @@ def run_hidden_tests(tests_dir: str, ctx: GradingContext, *,
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
         raise RuntimeError(f"the hidden tests could not run (pytest exit code {int(code)}, "
                            f"{time.monotonic() - started:.1f} s)")
-    return plugin.scored_outcomes(), plugin.artifacts
+    return plugin.artifacts
 

@@ -86,7 +86,7 @@ def test_activation_plot(find_figure):
     fig = find_figure(grade_id="q1_2_plot")
     x = np.linspace(-10, 10, 100)
     s = 1 / (1 + np.exp(-x))
-    verdict = plots.check_line_plot(fig, {"the sigmoid": (x, s), "the sigmoid's gradient": (x, s * (1 - s))}, atol=1e-4)
+    verdict = plots.check_line_plot(fig, {"sigmoid": (x, s), "sigmoid's gradient": (x, s * (1 - s))}, atol=1e-4)
     assert verdict.ok, "; ".join(verdict.problems)
 
 
@@ -116,8 +116,8 @@ def test_comparison_plot(find_figure):
     fig = find_figure(grade_id="q1_3_plot")
     x = np.linspace(-10, 10, 100)
     s = 1 / (1 + np.exp(-x))
-    verdict = plots.check_line_plot(fig, {"autograd's gradient": (x, s * (1 - s)),
-                                          "my_sigmoid_grad's gradient": (x, s * (1 - s))}, atol=1e-4)
+    verdict = plots.check_line_plot(fig, {"gradient from autograd": (x, s * (1 - s)),
+                                          "gradient from my_sigmoid_grad": (x, s * (1 - s))}, atol=1e-4)
     assert verdict.ok, "; ".join(verdict.problems)
 
 

@@ -6,7 +6,7 @@ from conftest import expected_gradients
 from test_part1 import check_architecture
 
 from gradelab import plots
-from gradelab.modelspec import layer
+from gradelab.modelspec import activations_between, layer
 
 # question, notebook variables of the model and the figure, the cell that draws it, reference band
 PLOTS = [
@@ -20,9 +20,9 @@ PLOTS = [
 
 
 def _student_plot(student, find_figure, probe, model_name, fig_name, cell):
-    model, _ = student.model(model_name, probe=probe)
+    model, described = student.model(model_name, probe=probe)
     fig = find_figure(name=fig_name) or find_figure(grade_id=cell)
-    return model, fig
+    return model, described, fig
 
 
 _REFERENCE_PNGS: dict[str, bytes] = {}  # per figure name; the runner process grades one submission
@@ -41,13 +41,19 @@ def _reference_png(fig_name: str, model) -> bytes:
 
 
 def _check(question, model_name, fig_name, cell, band, student, find_figure, probe, reference_data, attach):
-    model, fig = _student_plot(student, find_figure, probe, model_name, fig_name, cell)
+    model, described, fig = _student_plot(student, find_figure, probe, model_name, fig_name, cell)
+    activation = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "ReLU"}[band.split("_")[0]]
+    used = sorted({a for group in activations_between(described) for a in group})
+    assert used == [activation], f"{model_name} should be built with nn.{activation}(); it uses {used or 'none'}"
+    assert fig is not None, f"{fig_name}: no figure was produced (plot {model_name} with plot_grad)"
+    try:
+        grads = expected_gradients(model)
+    except ValueError as exc:
+        raise AssertionError(f"{model_name} cannot be plotted: {exc}") from None
     attach(f"{question}_{fig_name}_reference.png", _reference_png(fig_name, model))
-    if fig is not None:
-        attach(f"{question}_{fig_name}_student.png", fig.png)
+    attach(f"{question}_{fig_name}_student.png", fig.png)
     verdict = plots.check_gradient_plot(
-        fig, expected_violins=4, band=reference_data["gradient_bands"][band],
-        expected_grads=expected_gradients(model))
+        fig, expected_violins=4, band=reference_data["gradient_bands"][band], expected_grads=grads)
     assert verdict.ok, f"{fig_name}: " + "; ".join(verdict.problems)
 
 
@@ -80,7 +86,7 @@ def test_glorot_gradient_plots(student, find_figure, probe, reference_data, atta
 def test_plot_matches_reference_image(student, find_figure, probe, grading_config, entry):
     """the figure looks like the reference figure drawn from your own model"""
     _question, model_name, fig_name, cell, _band = entry
-    model, fig = _student_plot(student, find_figure, probe, model_name, fig_name, cell)
+    model, _, fig = _student_plot(student, find_figure, probe, model_name, fig_name, cell)
     assert fig is not None, f"{fig_name}: no figure was produced"
     if fig.helper != "plot_grad":
         return  # drawn another way: judged by its content alone (the tests above)
