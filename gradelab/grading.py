@@ -387,6 +387,7 @@ def _test_runner_main(project: Project, payload: dict, rpc: socket.socket, contr
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)  # pytest's own report and warnings are not needed; outcomes go back as data
         os.dup2(devnull, 2)
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # also when sys.stdout is not fd 1 (inside pytest)
         artifacts = testing.run_hidden_tests(str(project.tests_dir), ctx, lambda m: wire.send_msg(control, m))
         wire.send_msg(control, {"op": "done", "student_seconds": ctx.link.student_seconds, "artifacts": artifacts})
         return 0
