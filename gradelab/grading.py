@@ -157,7 +157,8 @@ class Grader:
         result = SubmissionResult(
             status=status, tests=outcomes, questions=self._question_scores(outcomes),
             messages=messages, sandbox_layers=dict(self.layers), answers=_answers_by_question(submission),
-            execution_time=round(execution.student_seconds, 3), **base)
+            execution_time=round(execution.student_seconds, 3),
+            test_time=round(max(0.0, sum(o.duration for o in outcomes) - execution.call_seconds), 3), **base)
         result.score = round(sum(q.score for q in result.questions), 4)
         student_dir = out_dir / student_id if out_dir else None
         result.figures = _save_figures(execution.figures, student_dir)

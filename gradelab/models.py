@@ -89,8 +89,9 @@ class SubmissionResult(BaseModel):
     questions: list[QuestionScore] = Field(default_factory=list)
     messages: list[str] = Field(default_factory=list)
     sandbox_layers: dict[str, str] = Field(default_factory=dict)
-    execution_time: float = 0.0
-    grading_time: float = 0.0
+    execution_time: float = 0.0  # seconds in the student's code (cells, and calls from hidden tests)
+    test_time: float = 0.0  # seconds of the hidden tests' own work (e.g. training rebuilt models)
+    grading_time: float = 0.0  # wall time of the whole grading; the engine's overhead is the rest
     late: LateInfo | None = None
     figures: list[FigureSummary] = Field(default_factory=list)
     # Free-text answers of manually graded questions (question id -> text), for the review pages.
