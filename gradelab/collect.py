@@ -59,7 +59,9 @@ _UNREADABLE = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImpl
 
 # Canvas: `doejohn_LATE_12345_678901_vanishing_gradients-1.ipynb`. The name part is Canvas's
 # `[[:word:]]` characters, which may include "_", so it is matched lazily up to the two ids.
-_CANVAS = re.compile(r"(?P<lastfirst>.+?)(?P<late>_LATE)?_(?P<user>\d+)_(?P<submission>\d+)_(?P<original>.+)")
+# Canvas's `lastfirst` is the sortable name with non-word characters removed, lower-cased: no
+# underscores, so a plain file like `s07_uniform_0_1_weights.ipynb` is not taken for user 0.
+_CANVAS = re.compile(r"(?P<lastfirst>[^_]+)(?P<late>_LATE)?_(?P<user>\d+)_(?P<submission>\d+)_(?P<original>.+)")
 # Moodle: `Åse Ødegård_4711_assignsubmission_file_` (a folder) or `..._file_original.ipynb` (flat).
 _MOODLE = re.compile(r"(?P<name>.+?)_(?P<participant>\d+)_assignsubmission_[a-z]+_(?P<original>.*)")
 # Canvas renames a resubmitted file `name-1.ipynb`, `name-2.ipynb`, ...

@@ -226,10 +226,15 @@ def release(root: Path, *, reference_data: bool = True) -> ReleaseReport:
         shutil.rmtree(out, ignore_errors=True)
     _write(release_dir / config.assignment.notebook, nbformat.writes(student_notebook(source)) + "\n", written)
     helpers = sorted(p for p in source_dir.iterdir() if p.is_file() and p.suffix == ".py")
+    reference = reference_module(source)
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(reference))
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in ([ast.alias(node.module)] if isinstance(node, ast.ImportFrom) else node.names)}
     for helper in helpers:
         _write(release_dir / helper.name, helper.read_bytes(), written)
-        _write(root / "solutions" / helper.name, helper.read_bytes(), written)
-    _write(root / "solutions" / f"{REFERENCE_MODULE}.py", reference_module(source), written)
+        if helper.stem in imported:  # the reference needs it beside it; the public checks it does not
+            _write(root / "solutions" / helper.name, helper.read_bytes(), written)
+    _write(root / "solutions" / f"{REFERENCE_MODULE}.py", reference, written)
     if reference_data:
         data = refdata.compute(root / "solutions")
         _write(root / "solutions" / "reference_data.json", json.dumps(data, indent=1, sort_keys=True) + "\n", written)

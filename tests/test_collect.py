@@ -109,7 +109,7 @@ def test_canvas_zip_late_marker_and_resubmission(tmp_path: Path) -> None:
     source = write_zip(tmp_path / "submissions.zip", {
         first: notebook("first"),
         resubmitted: notebook("second"),
-        "roe_mary_23456_678902_my_vanishing_gradients_v2.ipynb": notebook(),  # "_" in name and original
+        "roemary_23456_678902_my_vanishing_gradients_v2.ipynb": notebook(),  # "_" in name and original
     })
     workdir = tmp_path / "work"
 
@@ -122,7 +122,7 @@ def test_canvas_zip_late_marker_and_resubmission(tmp_path: Path) -> None:
     assert john.path.is_relative_to(workdir)
     [(older, kept)] = report.superseded
     assert kept == john and older.path.name == first and not older.marked_late
-    assert (mary.student_id, mary.display_name) == ("23456", "roe_mary")
+    assert (mary.student_id, mary.display_name) == ("23456", "roemary")
     assert mary.original_name == "my_vanishing_gradients_v2.ipynb"
     assert not report.skipped
 
@@ -381,3 +381,15 @@ def test_unreadable_archive_is_reported_not_raised(tmp_path: Path, content: byte
 def test_missing_source_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         collect(tmp_path / "nowhere", tmp_path / "work")
+
+
+def test_plain_names_with_digit_runs_are_not_canvas_names(tmp_path):
+    """Regression: `_0_1_` inside a plain file name once made two students one Canvas user 0."""
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for name in ("s0007_wrong_uniform_0_1_weights_only", "s0038_wrong_uniform_0_1_weights_only"):
+        (folder / f"{name}.ipynb").write_text('{"cells": []}')
+    report = collect_module.collect(folder, tmp_path / "work")
+    assert sorted(s.student_id for s in report.submissions) == ["s0007_wrong_uniform_0_1_weights_only",
+                                                                 "s0038_wrong_uniform_0_1_weights_only"]
+    assert not report.superseded

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import weights_over_draws
 from gradelab.modelspec import layer
 
 from gradelab import plots
@@ -148,11 +149,7 @@ def test_build_model_architecture(student, probe, activation):
 @pytest.mark.question("q1_4", weight=3)
 def test_build_model_uniform_weights(student, probe, seed):
     """build_model's weights are uniform in [-1, 1] (checked over many models)"""
-    weights = []
-    for draw in range(40):
-        _, described = student.module("build_model", layer("Sigmoid"), probe=probe, seed=seed + draw)
-        weights += [t.flatten() for t, spec in zip(described["state"], _param_kinds(described)) if spec == "weight"]
-    w = torch.cat(weights).to(torch.float64)
+    w = weights_over_draws(student, "build_model", "Sigmoid", draws=40, probe=probe, seed=seed)
     assert float(w.min()) >= -1 and float(w.max()) <= 1, \
         f"weights range from {float(w.min()):.3f} to {float(w.max()):.3f}; they must lie in [-1, 1]"
     assert float(w.mean()) > -0.15 and float(w.mean()) < 0.15 and float(w.min()) < -0.9, (
@@ -162,10 +159,3 @@ def test_build_model_uniform_weights(student, probe, seed):
         f"the weights' spread (std {float(w.std()):.3f}) does not match a uniform distribution on "
         f"[-1, 1] (std 0.577)")
 
-
-def _param_kinds(described):
-    kinds = []
-    for spec in described["layers"]:
-        if spec["type"] == "Linear":
-            kinds += ["weight"] + (["bias"] if spec["bias"] else [])
-    return kinds

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import expected_gradients
+from conftest import expected_gradients, weights_over_draws
 from test_part1 import check_architecture
 
 from gradelab import plots
-from gradelab.modelspec import activations_between, layer
+from gradelab.modelspec import activations_between
 
 # question, notebook variables of the model and the figure, the cell that draws it, reference band
 PLOTS = [
@@ -104,11 +104,7 @@ def test_glorot_architecture(student, probe, activation):
 @pytest.mark.question("q2_8", weight=3)
 def test_glorot_normal_weights(student, probe, seed):
     """build_model_glorot's weights follow N(0, sqrt(2 / (2 + 2))) (checked over many models)"""
-    weights = []
-    for draw in range(100):
-        _, described = student.module("build_model_glorot", layer("Tanh"), probe=probe, seed=seed + draw)
-        weights += [t.flatten() for t in described["state"] if t.dim() == 2]
-    w = torch.cat(weights).to(torch.float64)
+    w = weights_over_draws(student, "build_model_glorot", "Tanh", draws=100, probe=probe, seed=seed)
     std, expected = float(w.std()), (2 / (2 + 2)) ** 0.5
     assert abs(float(w.mean())) < 0.06, f"the weights average {float(w.mean()):.3f}; Glorot weights average 0"
     assert abs(std - expected) < 0.04, (

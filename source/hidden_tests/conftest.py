@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradelab import plots
-from gradelab.modelspec import train_logits_batched
+from gradelab.modelspec import layer, train_logits_batched
 
 XOR_INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 XOR_TARGETS = torch.tensor([0.0, 1.0, 1.0, 0.0])
@@ -68,3 +68,14 @@ def train_xor_batched(models: list[nn.Sequential], *, steps: int = 10_000, lr: f
     """xor_problem's training (SGD, BCE on logits, full batch) of each model; their accuracies."""
     logits = train_logits_batched(models, XOR_INPUTS, XOR_TARGETS, steps=steps, lr=lr)
     return ((logits > 0).to(XOR_TARGETS.dtype) == XOR_TARGETS).to(torch.float64).mean(1)
+
+
+def weights_over_draws(student, builder: str, activation: str, *, draws: int, probe: torch.Tensor,
+                       seed: int) -> torch.Tensor:
+    """The weight matrices of `draws` models from the student's `builder`, each built with torch
+    seeded differently, flattened into one float64 tensor: distributions are judged over many draws."""
+    weights = []
+    for draw in range(draws):
+        _, described = student.module(builder, layer(activation), probe=probe, seed=seed + draw)
+        weights += [t.flatten() for t in described["state"] if t.dim() == 2]
+    return torch.cat(weights).to(torch.float64)
