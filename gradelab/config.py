@@ -14,7 +14,14 @@ from gradelab.late import LatePolicy
 from gradelab.models import QuestionKind
 
 QUESTION_ID = re.compile(r"^q(\d+|b)_\d+$")
+QUESTION_OF_GRADE_ID = re.compile(r"^(q(?:\d+|b)_\d+)_")
 CONFIG_FILE = "grading_config.yml"
+
+
+def question_of(grade_id: str) -> str | None:
+    """The question a notebook cell belongs to: "q1_2_sigmoid" -> "q1_2"."""
+    match = QUESTION_OF_GRADE_ID.match(grade_id + "_")
+    return match.group(1) if match else None
 
 
 class ConfigError(ValueError):

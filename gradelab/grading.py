@@ -28,7 +28,7 @@ import nbformat
 import torch
 
 from gradelab import executor, sandbox, testing, wire
-from gradelab.config import CONFIG_FILE, GradingConfig, load_config
+from gradelab.config import CONFIG_FILE, GradingConfig, load_config, question_of
 from gradelab.models import FigureSummary, QuestionScore, SubmissionResult, TestOutcome
 from gradelab.notebook import BrokenNotebook, Submission, load_submission
 
@@ -266,9 +266,7 @@ class Grader:
         try:
             outcomes = self._run_tests(rpc, seed, execution, deadline, boxes, submission)
         finally:
-            for b in boxes:
-                b.kill()
-                b.cleanup()
+            _close(boxes)
             if rpc is not None:
                 rpc.close()
         return outcomes, execution, messages
@@ -328,10 +326,7 @@ class Grader:
             control_parent.close()
 
     def _restart_for_runner(self, control, submission, seed, execution, deadline, boxes) -> None:
-        for b in boxes:
-            b.kill()
-            b.cleanup()
-        boxes.clear()
+        _close(boxes)
         if execution.restarts >= MAX_RESTARTS:
             wire.send_msg(control, {"ok": False, "message": "the student's process was restarted too often"})
             return
@@ -406,6 +401,14 @@ def _import_reference(solutions_dir: Path):
     return module
 
 
+def _close(boxes: list) -> None:
+    """Kill every live sandbox of a submission and remove its cgroups."""
+    for box in boxes:
+        box.kill()
+        box.cleanup()
+    boxes.clear()
+
+
 def _merge(collected: list[TestOutcome], verdicts: dict[tuple[str, str], TestOutcome]) -> list[TestOutcome]:
     """Every collected test, with its verdict where one arrived."""
     return [verdicts.get((t.question, t.name), t) for t in collected]
@@ -423,8 +426,8 @@ def _private_paths(path: Path, out_dir: Path | None) -> list[Path]:
 def _answers_by_question(submission: Submission) -> dict[str, str]:
     answers: dict[str, str] = {}
     for grade_id, text in submission.answers.items():
-        qid = "_".join(grade_id.split("_")[:2])
-        answers[qid] = (answers.get(qid, "") + "\n\n" + text).strip()
+        if qid := question_of(grade_id):
+            answers[qid] = (answers.get(qid, "") + "\n\n" + text).strip()
     return answers
 
 

@@ -22,10 +22,9 @@ import nbformat
 from nbgrader.preprocessors import (CheckCellMetadata, ClearHiddenTests, ClearMarkScheme, ClearOutput,
                                     ClearSolutions, ComputeChecksums, LockCells)
 
-from gradelab.config import CONFIG_FILE, GradingConfig, load_config
+from gradelab.config import CONFIG_FILE, GradingConfig, load_config, question_of
 
 MARKERS = (("### BEGIN SOLUTION", "### END SOLUTION"), ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"))
-QUESTION_OF_GRADE_ID = re.compile(r"^(q(?:\d+|b)_\d+)_")
 TEST_MARKER = re.compile(r"""@pytest\.mark\.question\(\s*["'](q(?:\d+|b)_\d+)["']""")
 REFERENCE_MODULE = "reference_solutions"
 ZIP_TIMESTAMP = (1980, 1, 1, 0, 0, 0)
@@ -39,11 +38,6 @@ class ReleaseError(ValueError):
 class ReleaseReport:
     files: list[Path]
     seconds: float = 0.0
-
-
-def question_of(grade_id: str) -> str | None:
-    match = QUESTION_OF_GRADE_ID.match(grade_id + "_")
-    return match.group(1) if match else None
 
 
 # ------------------------------------------------------------------ checks of the source
