@@ -91,6 +91,9 @@ class GradingConfig(BaseModel):
     late_policy: LatePolicy = Field(default_factory=LatePolicy)
     lms: LmsSettings
     questions: list[Question]
+    # grade_ids of locked demonstration cells the grader does not run: their work is redone by the
+    # hidden tests (e.g. training the student's XOR model), so running them only costs time.
+    skip_when_grading: list[str] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod

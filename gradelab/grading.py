@@ -196,8 +196,9 @@ class Grader:
         """Run the notebook in a fresh sandbox, skipping cells that killed an earlier one.
 
         Returns the live sandbox and the test runner's end of its RPC socket."""
+        skip = set(self.config.skip_when_grading)
         while True:
-            cells = [(i, src) for i, src in submission.to_execute() if i not in execution.skipped]
+            cells = [(i, src) for i, src in submission.to_execute(skip) if i not in execution.skipped]
             box, ctl, rpc = self._spawn_sandbox(cells, seed, submission.private_paths)
             stop = self._follow(box, ctl, execution, deadline)
             ctl.close()

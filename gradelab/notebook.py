@@ -37,9 +37,11 @@ class Submission:
     # Other students' files and the results beside this one: the sandbox must not read them.
     private_paths: list[Path] = field(default_factory=list)
 
-    def to_execute(self) -> list[tuple[int, str]]:
-        """Cells the grader runs: everything but the public-check cells, whose verdicts do not count."""
-        return [(c.index, c.source) for c in self.cells if c.kind != "tests"]
+    def to_execute(self, skip: set[str] | frozenset[str] = frozenset()) -> list[tuple[int, str]]:
+        """Cells the grader runs: everything but the public-check cells, whose verdicts do not count,
+        and the locked demonstrations in `skip` (grade_ids)."""
+        return [(c.index, c.source) for c in self.cells
+                if c.kind != "tests" and not (c.kind == "locked" and c.grade_id in skip)]
 
 
 def _cell_kind(meta: dict) -> str:

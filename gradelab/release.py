@@ -70,6 +70,13 @@ def check_source(nb: nbformat.NotebookNode, config: GradingConfig, *, notebook_p
         if meta.get("grade"):
             slot = 1 if meta.get("solution") or cell.cell_type == "markdown" else 0
             points[qid][slot] += float(meta.get("points", 0))
+    locked_demos = {meta["grade_id"] for cell in nb.cells
+                    if (meta := cell.metadata.get("nbgrader")) and cell.cell_type == "code"
+                    and meta.get("locked") and not meta.get("grade") and not meta.get("solution")}
+    for grade_id in config.skip_when_grading:
+        if grade_id not in locked_demos:
+            raise ReleaseError(f"{CONFIG_FILE}: skip_when_grading lists {grade_id!r}, which is not a locked code "
+                               f"cell of {name} without points (only demonstrations may be skipped)")
     for q in config.questions:
         auto, manual = points[q.id]
         if (auto, manual) != (q.points, q.manual_points):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from gradelab.config import load_config
 from gradelab.grading import Grader, Project
+from gradelab.notebook import load_submission
 
 pytestmark = pytest.mark.slow
 
@@ -33,6 +35,19 @@ def test_reference_scores_full_marks(reference_result, root):
     for question in result.questions:
         assert question.score == pytest.approx(config.question(question.id).points), question.id
     assert result.score == pytest.approx(sum(q.points for q in config.questions))
+
+
+def test_skipped_demonstration_cells_are_not_run(reference_result, root):
+    """q3_3_train (skip_when_grading) is not executed: the hidden tests train the XOR model
+    themselves, and the reference still scores full marks on q3_3."""
+    result, _ = reference_result
+    release = nbformat.read(root / "source/vanishing_gradients/vanishing_gradients.ipynb", as_version=4)
+    submission = load_submission(root / "source/vanishing_gradients/vanishing_gradients.ipynb", release)
+    by_id = {c.grade_id: c.index for c in submission.cells}
+    executed = {i for i, _ in submission.to_execute({"q3_3_train"})}
+    assert by_id["q3_3_train"] not in executed and by_id["q3_3_xor"] in executed
+    assert by_id["q3_3_train"] in {i for i, _ in submission.to_execute()}
+    assert next(q for q in result.questions if q.id == "q3_3").score == 3
 
 
 def test_results_json_is_gradescope_format(reference_result):

@@ -49,7 +49,7 @@ def test_forged_descriptions_are_rejected():
             rebuild(forged, XOR_X)
 
 
-@pytest.mark.parametrize("activation", [nn.Tanh, nn.Sigmoid, nn.ReLU, nn.GELU])
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.GELU])
 def test_batched_training_equals_training_each_model_alone(activation):
     """The analytic (or, for GELU, autograd) batched trainer follows xor_problem's SGD exactly."""
     models = []

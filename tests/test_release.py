@@ -113,6 +113,18 @@ def test_mistakes_in_source_stop_the_release(root, mutation, message):
         check_source(nb, config, notebook_path=Path("vanishing_gradients.ipynb"), tests_dir=root / "source/hidden_tests")
 
 
+def test_only_locked_demonstrations_may_be_skipped_when_grading(root):
+    config = load_config(root / "grading_config.yml")
+    nb = nbformat.read(root / "source/vanishing_gradients/vanishing_gradients.ipynb", as_version=4)
+    assert config.skip_when_grading == ["q3_3_train"]
+    check_source(nb, config, notebook_path=Path("vanishing_gradients.ipynb"), tests_dir=root / "source/hidden_tests")
+    for answer_or_check in ("q1_2_sigmoid", "q1_2_check", "no_such_cell"):
+        config.skip_when_grading = [answer_or_check]
+        with pytest.raises(ReleaseError, match=f"skip_when_grading lists '{answer_or_check}'"):
+            check_source(nb, config, notebook_path=Path("vanishing_gradients.ipynb"),
+                         tests_dir=root / "source/hidden_tests")
+
+
 def test_question_without_tests_stops_the_release(root, tmp_path):
     config = load_config(root / "grading_config.yml")
     nb = nbformat.read(root / "source/vanishing_gradients/vanishing_gradients.ipynb", as_version=4)
