@@ -162,7 +162,7 @@ CORRECT: dict[str, str] = {
 
         def dying_depth(activation):
             for depth in range(2, 26):
-                if np.median([first_layer_gradient(depth, activation, s) for s in range(20)]) < 1e-6:
+                if np.median([first_layer_gradient(depth, activation, s) for s in range(5)]) < 1e-6:
                     return depth
 
         sigmoid_depth_without_initializer = dying_depth(nn.Sigmoid())
@@ -476,7 +476,7 @@ OTHER_DETAILS = {
         depths = {}
         for name, activation in (("sigmoid", nn.Sigmoid()), ("tanh", nn.Tanh())):
             depth = 2
-            while statistics.median(first_layer_gradient(depth, activation, s) for s in range(20)) >= 1e-6:
+            while statistics.median(first_layer_gradient(depth, activation, s) for s in range(5)) >= 1e-6:
                 depth += 1
             depths[name] = depth
         sigmoid_depth_without_initializer = depths["sigmoid"]
@@ -747,12 +747,12 @@ HANGING_FUNCTION = code("""
 HANGING_CELL = edit(CORRECT["q3_1_depth"], code("""
         def dying_depth(activation):
             for depth in range(2, 26):
-                if np.median([first_layer_gradient(depth, activation, s) for s in range(20)]) < 1e-6:
+                if np.median([first_layer_gradient(depth, activation, s) for s in range(5)]) < 1e-6:
                     return depth
 """), code("""
         def dying_depth(activation):
             depth = 2
-            while np.median([first_layer_gradient(depth, activation, s) for s in range(20)]) >= 1e-6:
+            while np.median([first_layer_gradient(depth, activation, s) for s in range(5)]) >= 1e-6:
                 pass
             return depth
 """))

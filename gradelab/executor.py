@@ -64,6 +64,9 @@ def make_shell() -> InteractiveShell:
     return shell
 
 
+MAX_DRAWS = 1000  # models per module_draws request
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
@@ -281,6 +284,17 @@ class RpcServer:
         args, kwargs = self._args(request)
         model = _call_with_activation_fallback(fn, args, kwargs)
         return describe_module(model, resolve_torch_arg(request.get("probe")))
+
+    def op_module_draws(self, request: dict) -> list[list[torch.Tensor]]:
+        """Call a model-building function once per seed (torch seeded with it); return each
+        model's parameters. One round trip for the many draws a distribution is judged on."""
+        fn = _lookup(self.ns, request["name"])
+        args, kwargs = self._args(request)
+        draws = []
+        for seed in request["seeds"][:MAX_DRAWS]:
+            seed_everything(int(seed))
+            draws.append(describe_module(_call_with_activation_fallback(fn, args, kwargs), None)["state"])
+        return draws
 
     def op_apply(self, request: dict) -> dict:
         """Build a standard model from a spec, apply the student's callable (class instance, or

@@ -144,6 +144,15 @@ class StudentProxy:
         described = self._request("module", name, args=list(args), kwargs=kwargs, probe=probe, seed=seed)
         return _rebuild(described, probe, name)
 
+    def module_draws(self, name: str, *args: Any, seeds: list[int], **kwargs: Any) -> list[list[torch.Tensor]]:
+        """Call a model-building function once per seed (torch seeded with it); the parameters of
+        each model, in one round trip. For distributions: the architecture is judged by `module`."""
+        draws = self._request("module_draws", name, args=list(args), kwargs=kwargs, seeds=list(seeds))
+        if (type(draws) is not list or len(draws) != len(seeds)
+                or not all(type(d) is list and all(type(t) is torch.Tensor for t in d) for d in draws)):
+            raise StudentError(f"the models from `{name}` could not be read")
+        return draws
+
     def model(self, name: str, *, probe: torch.Tensor) -> tuple[torch.nn.Sequential, dict]:
         """The model held in the notebook variable `name`, rebuilt here."""
         return _rebuild(self._request("describe", name, probe=probe), probe, name)

@@ -99,7 +99,7 @@ def first_layer_gradient(depth, activation, seed):
 
 def smallest_dying_depth(activation, threshold=1e-6):
     for depth in range(2, 26):
-        median = float(np.median([first_layer_gradient(depth, activation, seed) for seed in range(20)]))
+        median = float(np.median([first_layer_gradient(depth, activation, seed) for seed in range(5)]))
         if median < threshold:
             return depth
     return None
