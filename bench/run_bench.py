@@ -137,9 +137,13 @@ def _grade_with_nbgrader(batch: Path, work: Path) -> tuple[float, int]:
         target = course / "submitted" / nb.stem / "vanishing_gradients"
         target.mkdir(parents=True)
         shutil.copy(nb, target / "vanishing_gradients.ipynb")
+    # The same per-cell time limit as gradelab's (nbgrader's default is 30 s): a looping cell costs both the same.
+    from gradelab.config import load_config
+
+    cell_timeout = int(load_config(ROOT / "grading_config.yml").limits.cell_timeout)
     started = time.monotonic()
-    subprocess.run(["nbgrader", "autograde", "vanishing_gradients", "--force"], cwd=course, env=env,
-                   capture_output=True)
+    subprocess.run(["nbgrader", "autograde", "vanishing_gradients", "--force", f"--Execute.timeout={cell_timeout}"],
+                   cwd=course, env=env, capture_output=True)
     return time.monotonic() - started, len(notebooks)
 
 

@@ -2,7 +2,9 @@
 
     supervisor (this process, warm: torch, matplotlib, IPython imported once; no hidden tests)
       ├─ fork → sandbox S: isolation layers, then the notebook's cells, then RPC (executor.py)
-      └─ fork → test runner T: hidden pytest tests, talking to S only through plain data (testing.py)
+      └─ fork, once → test-runner zygote Z: pytest, the reference, the hidden tests collected
+            └─ fork → test runner T: the collected tests, talking to S only through plain data
+                      (testing.py)
 
 The supervisor enforces the deadlines, restarts S when it dies or hangs (re-executing the
 notebook without the cell that killed it, so one bad cell costs only its own answers), and
@@ -118,6 +120,7 @@ class Grader:
                                        + "; ".join(f"{n} ({s})" for n, s in missing.items()))
         self.shell = executor.make_shell()
         _warm_up()
+        self.runners = _TestRunners(project)
 
     # -------------------------------------------------------------- public
 
@@ -274,21 +277,21 @@ class Grader:
 
     def _run_tests(self, rpc, seed, execution, deadline, boxes, submission) -> list[TestOutcome]:
         control_parent, control_runner = socket.socketpair()
-        if rpc is None:
+        dead_end = None
+        if rpc is None:  # no sandbox: every call fails at once with "not answered"
             rpc, dead = socket.socketpair()
             dead.close()
+            dead_end = rpc
         grade_ids = {c.index: c.grade_id for c in submission.cells}
         cells = [{**cell, "grade_id": grade_ids.get(index)} for index, cell in sorted(execution.cells.items())]
-        payload = {"seed": seed, "cells": cells, "figures": execution.figures}
-        pid = os.fork()
-        if pid == 0:  # the test runner
-            control_parent.close()
-            code = 1
-            try:
-                code = _test_runner_main(self.project, payload, rpc, control_runner)
-            finally:
-                os._exit(code)
-        control_runner.close()
+        payload = {"seed": seed, "cells": cells, "figures": execution.figures,
+                   "call_timeout": self.config.limits.test_timeout}
+        try:
+            runner = self.runners.start(payload, rpc, control_runner)
+        finally:
+            control_runner.close()
+            if dead_end is not None:
+                dead_end.close()
         collected: list[TestOutcome] = []  # every test, as "not finished" until its verdict arrives
         verdicts: dict[tuple[str, str], TestOutcome] = {}
         try:
@@ -323,7 +326,7 @@ class Grader:
                 elif op == "failed":
                     raise RuntimeError(message.get("message", "the hidden tests could not run"))
         finally:
-            _reap(pid)
+            _kill(runner)
             control_parent.close()
 
     def _restart_for_runner(self, control, submission, seed, execution, deadline, boxes) -> None:
@@ -371,26 +374,62 @@ class SubmissionTimeout(Exception):
         self.execution = execution
 
 
-def _test_runner_main(project: Project, payload: dict, rpc: socket.socket, control: socket.socket) -> int:
-    """Process T: load the reference and the hidden tests, run them, send the outcomes."""
-    try:
-        reference = _import_reference(project.solutions_dir)
-        reference_data = json.loads((project.solutions_dir / "reference_data.json").read_text())
-        ctx = testing.GradingContext(
-            link=testing.SandboxLink(rpc=rpc, control=control, call_timeout=project.config.limits.test_timeout),
-            seed=payload["seed"], cells=payload["cells"], figures=payload["figures"],
-            reference=reference, reference_data=reference_data, config=project.config,
-            question_points={q.id: q.points for q in project.config.questions})
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)  # pytest's own report and warnings are not needed; outcomes go back as data
-        os.dup2(devnull, 2)
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # also when sys.stdout is not fd 1 (inside pytest)
-        artifacts = testing.run_hidden_tests(str(project.tests_dir), ctx, lambda m: wire.send_msg(control, m))
-        wire.send_msg(control, {"op": "done", "student_seconds": ctx.link.student_seconds, "artifacts": artifacts})
-        return 0
-    except Exception as exc:
-        wire.send_msg(control, {"op": "failed", "message": f"{type(exc).__name__}: {exc}"[:2000]})
-        return 1
+class _TestRunners:
+    """The worker's test-runner zygote (testing.serve_hidden_tests), started at the first grading
+    and again if it ever stops."""
+
+    def __init__(self, project: Project):
+        self.project = project
+        self.jobs: socket.socket | None = None
+        self.pid = 0
+
+    def start(self, payload: dict, rpc: socket.socket, control: socket.socket) -> int:
+        """Fork a test runner for one submission; return a pidfd of it."""
+        if self.jobs is None:
+            self._spawn()
+        try:
+            wire.send_msg(self.jobs, payload)
+            socket.send_fds(self.jobs, [b"j"], [rpc.fileno(), control.fileno()])
+            reply = wire.recv_msg(self.jobs, timeout=120)  # the first job waits for the collection
+            if not reply.get("ok"):
+                raise RuntimeError(reply.get("message", "the hidden tests could not run"))
+            _, fds, _, _ = socket.recv_fds(self.jobs, 16, 1)
+            return fds[0]
+        except (EOFError, OSError, TimeoutError, wire.WireError) as exc:
+            self.close()
+            raise RuntimeError(f"the hidden tests' runner stopped ({type(exc).__name__})") from None
+
+    def _spawn(self) -> None:
+        worker_end, zygote_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                sandbox.close_fds_except({zygote_end.fileno()})  # the worker's pool pipes, sockets of other runs
+                code = _zygote_main(self.project, zygote_end)
+            finally:
+                os._exit(code)
+        zygote_end.close()
+        self.jobs, self.pid = worker_end, pid
+
+    def close(self) -> None:
+        if self.jobs is not None:
+            self.jobs.close()
+            self.jobs = None
+            _reap(self.pid)
+
+
+def _zygote_main(project: Project, jobs: socket.socket) -> int:
+    """Process Z: load the reference and the hidden tests once, then fork a runner per submission."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # pytest's own report and warnings are not needed; outcomes go back as data
+    os.dup2(devnull, 2)
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # also when sys.stdout is not fd 1 (inside pytest)
+    template = testing.GradingContext(
+        link=None, seed=0, cells=[], figures=[], reference=_import_reference(project.solutions_dir),
+        reference_data=json.loads((project.solutions_dir / "reference_data.json").read_text()),
+        config=project.config, question_points={q.id: q.points for q in project.config.questions})
+    return testing.serve_hidden_tests(str(project.tests_dir), template, jobs)
 
 
 def _import_reference(solutions_dir: Path):
@@ -455,6 +494,16 @@ def _save_figures(figures: list[dict], student_dir: Path | None) -> list[FigureS
             summary.png = name
         summaries.append(summary)
     return summaries
+
+
+def _kill(pidfd: int) -> None:
+    """Stop a test runner (a child of the zygote, so known by a pidfd: never a reused pid)."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def _reap(pid: int) -> None:

@@ -501,7 +501,7 @@ def _intermediate_main(target: Callable[[], int], plan: _Plan) -> NoReturn:
             signal.signal(sig, signal.SIG_DFL)
         if plan.main_thread:  # PDEATHSIG fires when the forking *thread* exits, so only for the main thread
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        _close_fds_except({0, 1, 2, plan.report_fd, *plan.keep_fds})
+        close_fds_except({0, 1, 2, plan.report_fd, *plan.keep_fds})
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
@@ -600,7 +600,8 @@ def _flush_std_streams() -> None:
             stream.flush()
 
 
-def _close_fds_except(keep: set[int]) -> None:
+def close_fds_except(keep: set[int]) -> None:
+    """Close every file descriptor of this process but 0, 1, 2 and `keep`."""
     low = 3
     for fd in sorted(k for k in keep if k >= 3):
         os.closerange(low, fd)

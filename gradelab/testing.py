@@ -15,17 +15,19 @@ is ever called here.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import re
+import signal
 import socket
 import sys
-import time
 from dataclasses import dataclass, field
-import re
 from typing import Any, Callable
 
 import pytest
 import torch
+from _pytest.main import pytest_runtestloop as run_collected_tests  # pytest's own loop, run per runner
 
 from gradelab import modelspec, wire
 from gradelab.models import TestOutcome, TestStatus
@@ -257,7 +259,7 @@ class GradingPlugin:
     """
 
     ctx: GradingContext
-    report: Report
+    report: Report | None = None  # set in each runner; the zygote collects without one
     artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG, for feedback pages
     _items: dict[str, _Collected] = field(default_factory=dict)
     _proxy: StudentProxy | None = None
@@ -330,6 +332,10 @@ class GradingPlugin:
             weights[c.question] = weights.get(c.question, 0.0) + c.weight
         for c in self._items.values():
             c.max_score = self.ctx.question_points.get(c.question, 0.0) * c.weight / weights[c.question]
+
+    def announce(self) -> None:
+        """Tell the supervisor every test a run will report, so that a deadline scores the
+        unfinished ones as such."""
         self.report({"op": "collected", "tests": [[c.name, c.question, c.max_score, c.visibility]
                                                   for c in self._items.values()]})
 
@@ -371,12 +377,25 @@ def _verdict(exc: BaseException | None) -> tuple[TestStatus, str]:
     return "error", f"the grader could not check this answer ({name}); your instructor has the details"
 
 
-def run_hidden_tests(tests_dir: str, ctx: GradingContext, report: Report, *,
-                     extra_args: tuple[str, ...] = ()) -> dict[str, bytes]:
-    """Run the hidden tests in this (trusted) process, reporting each verdict through `report`;
-    return the figures the tests attached."""
-    plugin = GradingPlugin(ctx, report)
-    # A runner forked from a pytest process (the project's own tests) inherits its assertion
+# ------------------------------------------------------------------ the runner zygote
+
+
+def serve_hidden_tests(tests_dir: str, template: GradingContext, jobs: socket.socket) -> int:
+    """Main of the test-runner zygote: collect the hidden tests once, then for every job on
+    `jobs` fork a runner that runs the collected tests against one submission.
+
+    A job is a message {"seed", "cells", "figures", "call_timeout"} followed by two file
+    descriptors: the socket to the submission's sandbox and the socket to the supervisor, which
+    receives the runner's messages ("collected", one "outcome" per test, then "done" or
+    "failed"). The reply is {"ok": true} plus a pidfd of the runner, or {"ok": false, "message"}.
+
+    Importing and collecting the tests costs more than most tests: here it is paid once per
+    worker. Runners are forked from this process and sandboxes from the worker, so no student
+    process ever holds the hidden tests or the reference in memory.
+    """
+    plugin = GradingPlugin(template)
+    zygote = _RunnerZygote(plugin, jobs)
+    # A zygote forked from a pytest process (the project's own tests) inherits its assertion
     # rewriting import hook: rewritten asserts would put hidden test source into messages.
     sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "AssertionRewritingHook"]
     # Only what grading needs: third-party plugins, pdb, output capture and the garbage-collecting
@@ -385,11 +404,70 @@ def run_hidden_tests(tests_dir: str, ctx: GradingContext, report: Report, *,
     unused = ("cacheprovider", "stepwise", "warnings", "debugging", "unraisableexception", "threadexception",
               "faulthandler", "pastebin", "junitxml", "doctest", "legacypath", "tmpdir", "capture", "logging")
     args = [tests_dir, "-q", "--assert=plain", "-o", "python_files=test_*.py",
-            *[a for name in unused for a in ("-p", f"no:{name}")], *extra_args]
-    started = time.monotonic()
-    code = pytest.main(args, plugins=[plugin])
-    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
-        raise RuntimeError(f"the hidden tests could not run (pytest exit code {int(code)}, "
-                           f"{time.monotonic() - started:.1f} s)")
-    return plugin.artifacts
+            *[a for name in unused for a in ("-p", f"no:{name}")]]
+    code = pytest.main(args, plugins=[plugin, zygote])
+    if not zygote.served:  # collection failed before the first job: say so to every job
+        zygote.refuse_all(f"the hidden tests could not be collected (pytest exit code {int(code)})")
+    return 0
 
+
+@dataclass
+class _RunnerZygote:
+    plugin: GradingPlugin
+    jobs: socket.socket
+    served: bool = False
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session) -> bool:
+        if session.testsfailed:
+            return False  # collection errors: pytest reports them, serve_hidden_tests refuses jobs
+        self.served = True
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished runners are reaped by the kernel
+        while (job := self._next_job()) is not None:
+            message, fds = job
+            go_read, go_write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                self.jobs.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                os.read(go_read, 1)  # not before the zygote holds a pidfd: an exited runner is reaped at once
+                os._exit(self._run(session, message, fds))
+            pidfd = os.pidfd_open(pid)
+            os.write(go_write, b"g")
+            for fd in (*fds, go_read, go_write):
+                os.close(fd)
+            wire.send_msg(self.jobs, {"ok": True})
+            socket.send_fds(self.jobs, [b"p"], [pidfd])
+            os.close(pidfd)
+        return True
+
+    def _next_job(self) -> tuple[dict, list[int]] | None:
+        try:
+            message = wire.recv_msg(self.jobs, timeout=None, max_bytes=512 << 20)
+            _, fds, _, _ = socket.recv_fds(self.jobs, 16, 2)
+        except (EOFError, OSError, wire.WireError):
+            return None  # the worker is gone
+        return (message, fds) if len(fds) == 2 else None
+
+    def _run(self, session, message: dict, fds: list[int]) -> int:
+        """In a forked runner: the collected tests against one submission."""
+        rpc, control = (socket.socket(fileno=fd) for fd in fds)
+        report: Report = lambda m: wire.send_msg(control, m)  # noqa: E731
+        try:
+            link = SandboxLink(rpc=rpc, control=control, call_timeout=float(message["call_timeout"]))
+            self.plugin.ctx = dataclasses.replace(self.plugin.ctx, link=link, seed=int(message["seed"]),
+                                                  cells=message["cells"], figures=message["figures"])
+            self.plugin.report = report
+            self.plugin.announce()
+            run_collected_tests(session)
+            report({"op": "done", "student_seconds": link.student_seconds, "artifacts": self.plugin.artifacts})
+            return 0
+        except BaseException as exc:  # noqa: BLE001 - the supervisor must hear of any failure
+            report({"op": "failed", "message": f"{type(exc).__name__}: {exc}"[:2000]})
+            return 1
+
+    def refuse_all(self, why: str) -> None:
+        while (job := self._next_job()) is not None:
+            for fd in job[1]:
+                os.close(fd)
+            wire.send_msg(self.jobs, {"ok": False, "message": why})

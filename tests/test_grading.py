@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -77,6 +78,20 @@ def test_untouched_release_scores_zero_with_not_answered(grader, root):
         if question.kind != "manual":
             outputs = [t.output for t in result.tests if t.question == question.id]
             assert any("not answered" in o or "not defined" in o for o in outputs), (question.id, outputs)
+
+
+def test_hidden_tests_that_cannot_be_collected_stop_each_grading_with_a_message(root, tmp_path):
+    """The test-runner zygote collects once per worker; a broken hidden test file makes every
+    submission "crashed" with a message for the instructor, never a hang."""
+    for part in ("grading_config.yml", "release", "solutions", "autograder"):
+        copy = shutil.copytree if (root / part).is_dir() else shutil.copy
+        copy(root / part, tmp_path / part)
+    (tmp_path / "autograder/tests/test_part1.py").write_text("def test_broken(:\n")
+    grader = Grader(Project.load(tmp_path))
+    for _ in range(2):
+        result = grader.grade(root / "release/vanishing_gradients/vanishing_gradients.ipynb", "blank")
+        assert result.status == "crashed"
+        assert any("hidden tests could not be collected" in m for m in result.messages), result.messages
 
 
 def test_same_submission_same_score_and_messages(grader, root):
