@@ -74,7 +74,7 @@ class TreeMemory(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.peak, self.stop_flag = pid, {}, threading.Event()
 
-    def _children(self) -> dict[int, tuple[int, str]]:
+    def _children(self) -> dict[int, tuple[int, str, int]]:
         procs = {}
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -91,14 +91,14 @@ class TreeMemory(threading.Thread):
         below, frontier = {}, {self.pid}
         while frontier:
             frontier = {p for p, (pp, _, _) in procs.items() if pp in frontier} - set(below)
-            below.update({p: (procs[p][1], procs[p][2]) for p in frontier})
+            below.update({p: (procs[p][1], procs[p][2], procs[p][0]) for p in frontier})
         return below
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
-            for pid, (rss, cmd) in self._children().items():
-                if rss > self.peak.get(pid, (0, ""))[0]:
-                    self.peak[pid] = (rss, cmd)
+            for pid, (rss, cmd, ppid) in self._children().items():
+                if rss > self.peak.get(pid, (0, "", 0))[0]:
+                    self.peak[pid] = (rss, cmd, ppid)
             time.sleep(0.1)
 
 
@@ -116,8 +116,9 @@ def _grade_with_gradelab(batch: Path, out: Path) -> tuple[float, int, float]:
     proc.wait()
     seconds = time.monotonic() - started
     memory.stop_flag.set()
-    # Direct children of the CLI are the pool workers (each with its sandboxes and test runners below).
-    workers = [rss for pid, (rss, cmd) in memory.peak.items() if "gradelab" in cmd or "python" in cmd]
+    # Direct children of the CLI are the pool workers; below them are their sandboxes (bounded by
+    # limits.memory_mb: the memory-bomb example fills its sandbox) and test runners.
+    workers = [rss for pid, (rss, cmd, ppid) in memory.peak.items() if ppid == proc.pid]
     summary = json.loads((out / "summary.json").read_text())
     graded = summary["graded"] + summary["broken"] + summary["timeout"] + summary["crashed"]
     return seconds, graded, max(workers, default=0) / 1024
