@@ -252,7 +252,8 @@ Report = Callable[[dict], None]  # sends one message to the supervisor
 
 @dataclass
 class GradingPlugin:
-    """Registered with `pytest.main(plugins=[...])` in the test runner process.
+    """Registered with `pytest.main(plugins=[...])` in the test-runner zygote, which collects the
+    tests once; each runner forked from it sets `ctx` and `report` for its submission.
 
     Each verdict is reported the moment its test ends, so that a deadline that stops the runner
     loses only the tests that had not finished.

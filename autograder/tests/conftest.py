@@ -74,9 +74,9 @@ def weights_over_draws(student, builder: str, activation: str, *, draws: int, pr
                        seed: int) -> torch.Tensor:
     """The weight matrices of `draws` models from the student's `builder`, each built with torch
     seeded differently, flattened into one float64 tensor: distributions are judged over many draws."""
-    student.module(builder, layer(activation), probe=probe, seed=seed)  # a model we can check at all
-    states = student.module_draws(builder, layer(activation), seeds=[seed + draw for draw in range(draws)])
-    weights = [t.flatten() for state in states for t in state if t.dim() == 2]
+    _, checked = student.module(builder, layer(activation), probe=probe, seed=seed)  # rebuilt and checked
+    others = student.module_draws(builder, layer(activation), seeds=[seed + draw for draw in range(1, draws)])
+    weights = [t.flatten() for state in [checked["state"], *others] for t in state if t.dim() == 2]
     if not weights:
         raise AssertionError(f"{builder} returns models without weight matrices")
     return torch.cat(weights).to(torch.float64)
