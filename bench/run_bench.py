@@ -5,9 +5,10 @@
     ./run bench batch --sizes 50 200 --nbgrader 50
 
 overhead: grades the untouched release and the reference solution repeatedly with one warm
-worker and splits each grading into the time the sandbox spent in the student's code (cells and
-calls from hidden tests), the hidden tests' own work (e.g. re-training XOR models) and the rest:
-the engine's overhead (sandbox set-up, figure capture, the test runner, pytest, the wire).
+worker and splits each grading into the time the sandbox spent in the student's code (cells,
+including the rendering of their figures as Jupyter does, and calls from hidden tests), the hidden
+tests' own work (e.g. re-training XOR models) and the rest: the engine's overhead (sandbox set-up,
+figure data capture, the test runner, pytest, the wire).
 
 batch: generates batches with examples/make_submissions.py (a mix of correct, wrong, hostile and
 broken submissions), grades them with `gradelab grade` (all cores), and grades a batch without
@@ -54,13 +55,17 @@ def bench_overhead(rounds: int) -> dict:
         overheads = [r.grading_time - r.execution_time - r.test_time for r in results]
         rows[label] = {"total": _median([r.grading_time for r in results]),
                        "student code": _median([r.execution_time for r in results]),
+                       "figures": _median([r.figure_time for r in results]),
                        "hidden tests": _median([r.test_time for r in results]),
                        "overhead": _median(overheads), "overhead min": min(overheads)}
     print("\nEngine overhead per submission (one warm worker; medians of", rounds, "runs; seconds)")
-    print(f"{'submission':20} {'total':>7} {'student code':>13} {'hidden tests':>13} {'overhead':>9} {'min':>7}  target")
+    print(f"{'submission':20} {'total':>7} {'student code':>13} {'(figures)':>10} {'hidden tests':>13} "
+          f"{'overhead':>9} {'min':>7}  target")
     for label, row in rows.items():
-        print(f"{label:20} {row['total']:7.3f} {row['student code']:13.3f} {row['hidden tests']:13.3f} "
-              f"{row['overhead']:9.3f} {row['overhead min']:7.3f}  < 0.150")
+        print(f"{label:20} {row['total']:7.3f} {row['student code']:13.3f} {row['figures']:10.3f} "
+              f"{row['hidden tests']:13.3f} {row['overhead']:9.3f} {row['overhead min']:7.3f}  < 0.150")
+    print("student code includes (figures): rendering the notebook's figures at the end of their cells, "
+          "which Jupyter's inline backend also does inside the cell")
     return rows
 
 

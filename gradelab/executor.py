@@ -61,6 +61,9 @@ def make_shell() -> InteractiveShell:
         shell.register_magic_function(refuse, "cell", name)
     # Figures are captured after every cell (as the inline backend shows them); the backend stays Agg.
     shell.register_magic_function(lambda *_a, **_k: None, "line", "matplotlib")
+    # The grader reports errors itself (`_error_info`: the student's frames only); IPython's verbose
+    # traceback reads source files and walks sys.modules, 10-60 ms per failing cell, for text no one reads.
+    shell.InteractiveTB.set_mode("Minimal")
     return shell
 
 
@@ -68,7 +71,9 @@ MAX_DRAWS = 1000  # models per module_draws request
 
 
 def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
+    # The CPU generator is all a sandbox uses; torch.manual_seed would also queue lazy CUDA/XPU/MTIA
+    # seeding, which records a stack trace each time (~1 ms per cell or call, for nothing here).
+    torch.default_generator.manual_seed(seed)
     np.random.seed(seed % (2**32))
     random.seed(seed)
 
@@ -146,15 +151,20 @@ class NotebookRunner:
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         seconds = time.perf_counter() - started
-        self._capture_figures(index)
-        outcome: dict[str, Any] = {"index": index, "status": "ok", "output": out.value(), "seconds": seconds}
+        render_seconds = self._capture_figures(index)
+        # As in Jupyter, where the inline backend renders a cell's figures before the cell ends, the
+        # rendering is part of running the cell (it also runs the draw code of the student's artists).
+        outcome: dict[str, Any] = {"index": index, "status": "ok", "output": out.value(),
+                                   "seconds": seconds + render_seconds, "render_seconds": render_seconds}
         if error is not None:
             outcome["error"] = _error_info(error)
             outcome["status"] = ("timeout" if isinstance(error, CellTimeout)
                                  else "refused" if isinstance(error, RefusedCommand) else "error")
         return outcome
 
-    def _capture_figures(self, cell: int) -> None:
+    def _capture_figures(self, cell: int) -> float:
+        """Capture the cell's figures as data (each with its PNG); return the seconds spent rendering."""
+        render_seconds = 0.0
         names_by_figure: dict[int, list[str]] = {}
         for name, value in list(self.shell.user_ns.items()):
             if isinstance(value, matplotlib.figure.Figure) and not name.startswith("_"):
@@ -162,12 +172,14 @@ class NotebookRunner:
         for k, num in enumerate(plt.get_fignums()):
             fig = plt.figure(num)
             try:
-                data = plots.capture_figure(fig, cell=cell, index=k)
+                data, seconds = plots.capture_figure_timed(fig, cell=cell, index=k)
+                render_seconds += seconds
             except Exception as exc:  # a figure that cannot be drawn is reported, not fatal
                 data = {"cell": cell, "index": k, "error": f"{type(exc).__name__}: {exc}"[:500]}
             data["names"] = sorted(names_by_figure.get(id(fig), []))
             self.figures.append(data)
         plt.close("all")
+        return render_seconds
 
 
 # ------------------------------------------------------------------ RPC served to the test runner

@@ -94,6 +94,11 @@ class Execution:
         cells = sum(c.get("seconds", 0.0) for c in self.cells.values() if type(c.get("seconds")) is float)
         return cells + self.call_seconds
 
+    @property
+    def figure_seconds(self) -> float:
+        """Of `student_seconds`: rendering the figures at the end of their cells."""
+        return sum(c.get("render_seconds", 0.0) for c in self.cells.values() if type(c.get("render_seconds")) is float)
+
 
 class Grader:
     """A warm grading worker. Create once per process; `grade()` many submissions with it."""
@@ -160,7 +165,7 @@ class Grader:
         result = SubmissionResult(
             status=status, tests=outcomes, questions=self._question_scores(outcomes),
             messages=messages, sandbox_layers=dict(self.layers), answers=_answers_by_question(submission),
-            execution_time=round(execution.student_seconds, 3),
+            execution_time=round(execution.student_seconds, 3), figure_time=round(execution.figure_seconds, 3),
             test_time=round(max(0.0, sum(o.duration for o in outcomes) - execution.call_seconds), 3), **base)
         result.score = round(sum(q.score for q in result.questions), 4)
         student_dir = out_dir / student_id if out_dir else None

@@ -90,6 +90,7 @@ class SubmissionResult(BaseModel):
     messages: list[str] = Field(default_factory=list)
     sandbox_layers: dict[str, str] = Field(default_factory=dict)
     execution_time: float = 0.0  # seconds in the student's code (cells, and calls from hidden tests)
+    figure_time: float = 0.0  # of execution_time: rendering the student's figures, as Jupyter does in the cell
     test_time: float = 0.0  # seconds of the hidden tests' own work (e.g. training rebuilt models)
     grading_time: float = 0.0  # wall time of the whole grading; the engine's overhead is the rest
     late: LateInfo | None = None

@@ -20,6 +20,7 @@ import inspect
 import io
 import math
 import struct
+import time
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -115,11 +116,18 @@ def capture_figure(fig: Figure, *, cell: int, index: int, dpi: int = 80) -> dict
 
     `cell` and `index` say which notebook cell made the figure and which of its figures it is.
     """
+    return capture_figure_timed(fig, cell=cell, index=index, dpi=dpi)[0]
+
+
+def capture_figure_timed(fig: Figure, *, cell: int, index: int, dpi: int = 80) -> tuple[dict, float]:
+    """`capture_figure`, and the seconds spent rendering the PNG (the part Jupyter would also pay)."""
     width, height = (float(v) for v in fig.get_size_inches())
     # A student can make a huge figure; lowering the dpi keeps the PNG bounded (and the size
     # mismatch then shows up as a clear failure of the image comparison).
     used_dpi = min(float(dpi), MAX_SIDE_PX / max(width, height, 1e-9))
+    started = time.perf_counter()
     png = _render_png(fig, used_dpi)  # also draws the figure, which fills in tick labels
+    render_seconds = time.perf_counter() - started
     gradient_data = getattr(fig, "gradient_data", None)
     return {
         "cell": int(cell),
@@ -132,7 +140,7 @@ def capture_figure(fig: Figure, *, cell: int, index: int, dpi: int = 80) -> dict
         "png": png,
         "axes": [_describe_axes(ax) for ax in fig.axes[:MAX_ITEMS]],
         "gradient_data": _describe_gradient_data(gradient_data),
-    }
+    }, render_seconds
 
 
 def _render_png(fig: Figure, dpi: float) -> bytes:
@@ -141,7 +149,8 @@ def _render_png(fig: Figure, dpi: float) -> bytes:
     savefig_defaults = {k: v for k, v in mpl.rcParamsDefault.items() if k.startswith("savefig.")}
     buffer = io.BytesIO()
     with mpl.rc_context(savefig_defaults):
-        fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
+        # zlib level 1: the same pixels, several ms less per figure than the default level 6.
+        fig.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None}, pil_kwargs={"compress_level": 1})
     return buffer.getvalue()
 
 

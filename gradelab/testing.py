@@ -200,6 +200,12 @@ def _problem_from(error: Any, name: str | None) -> StudentProblem:
     return StudentError(f"`{name}` raised {kind}: {message}" if name else f"{kind}: {message}")
 
 
+def seed_torch(seed: int) -> None:
+    """`torch.manual_seed` for hidden tests, which build their models on the CPU: without the lazy
+    CUDA/XPU/MTIA seeding, which records a stack trace per call (~1-2 ms deep inside pytest)."""
+    torch.default_generator.manual_seed(seed)
+
+
 # ------------------------------------------------------------------ assertions with student-readable messages
 
 
@@ -264,6 +270,8 @@ class GradingPlugin:
     artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG, for feedback pages
     _items: dict[str, _Collected] = field(default_factory=dict)
     _proxy: StudentProxy | None = None
+    _running: str = ""  # node id of the running test
+    _setup_seconds: float = 0.0  # of the running test's setup phase
 
     # -- fixtures hidden tests use
 
@@ -274,9 +282,11 @@ class GradingPlugin:
         return self._proxy
 
     @pytest.fixture
-    def seed(self, request) -> int:
+    def seed(self) -> int:
         """A per-submission, per-test seed: hidden inputs cannot be learned from feedback."""
-        digest = hashlib.sha256(f"{self.ctx.seed}:{request.node.nodeid}".encode()).digest()
+        # From the running test's id, recorded by the setup hook: asking for pytest's `request`
+        # fixture instead builds a fixture definition per test.
+        digest = hashlib.sha256(f"{self.ctx.seed}:{self._running}".encode()).digest()
         return int.from_bytes(digest[:4], "little")
 
     @pytest.fixture
@@ -340,9 +350,15 @@ class GradingPlugin:
         self.report({"op": "collected", "tests": [[c.name, c.question, c.max_score, c.visibility]
                                                   for c in self._items.values()]})
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item) -> None:
+        self._running = item.nodeid
+
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = yield
+        if report.when == "setup":  # the fixtures' work (e.g. reference models) is the test's own work
+            self._setup_seconds = call.duration
         if report.when == "call" or (report.when == "setup" and report.failed):
             c = self._items[item.nodeid]
             status, output = "passed", ""
@@ -350,7 +366,8 @@ class GradingPlugin:
                 status, output = _verdict(call.excinfo.value if call.excinfo else None)
             outcome = TestOutcome(name=c.name, question=c.question, max_score=c.max_score,
                                   score=c.max_score if status == "passed" else 0.0, status=status, output=output,
-                                  visibility=c.visibility, duration=round(call.duration, 4))
+                                  visibility=c.visibility,
+                                  duration=round(call.duration + (self._setup_seconds if report.when == "call" else 0.0), 4))
             self.report({"op": "outcome", "outcome": outcome.model_dump()})
         return report
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from gradelab import plots
 from gradelab.modelspec import layer, train_logits_batched
+from gradelab.testing import seed_torch
 
 XOR_INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 XOR_TARGETS = torch.tensor([0.0, 1.0, 1.0, 0.0])
@@ -57,7 +58,7 @@ def classifier_gradients(model: nn.Module, seed: int) -> list[torch.Tensor]:
 
 
 def deep_reference(depth: int, activation: type[nn.Module], seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
+    seed_torch(seed)
     layers: list[nn.Module] = [nn.Linear(10, 5)]
     for _ in range(depth - 1):
         layers += [activation(), nn.Linear(5, 5)]

@@ -6,6 +6,7 @@ from conftest import XOR_INPUTS, classifier_gradients, deep_reference, train_xor
 from torch import nn
 
 from gradelab.modelspec import activations_between, layer, linear_shapes
+from gradelab.testing import seed_torch
 
 CLASSIFIER_PROBE = torch.rand(8, 10, generator=torch.Generator().manual_seed(1))
 RELU_LINEAR_VISITS = {0: 0, 2: 1, 4: 2, 6: 3}  # Module.apply's visit index -> Linear layer index
@@ -51,7 +52,7 @@ def test_depth_without_initializer(student, reference_data, name):
 
 
 def _seed_relu_model(seed):
-    torch.manual_seed(seed)
+    seed_torch(seed)
     return nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU(),
                          nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 5))
 

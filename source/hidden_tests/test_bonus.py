@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from gradelab.testing import seed_torch
+
 PROBE = torch.rand(4, 256, generator=torch.Generator().manual_seed(2))
 
 
@@ -13,7 +15,7 @@ PROBE = torch.rand(4, 256, generator=torch.Generator().manual_seed(2))
 @pytest.mark.parametrize("slope", [0.0, 0.2])
 def test_he_init(student, slope, seed):
     """he_init_ draws weights with std gain / sqrt(fan_in) and zero biases"""
-    torch.manual_seed(seed)
+    seed_torch(seed)
     model = nn.Sequential(nn.Linear(256, 256), nn.LeakyReLU(slope), nn.Linear(256, 128))
     changed, _ = student.apply("he_init_", model, slope, probe=PROBE, mode="call")
     gain = math.sqrt(2 / (1 + slope**2))
