@@ -45,7 +45,11 @@ def _median(values):
 def bench_overhead(rounds: int) -> dict:
     from gradelab.grading import Grader, Project
 
-    grader = Grader(Project.load(ROOT))
+    with Grader(Project.load(ROOT)) as grader:
+        return _overhead_rounds(grader, rounds)
+
+
+def _overhead_rounds(grader, rounds: int) -> dict:
     cases = {"untouched release": ROOT / "release/vanishing_gradients/vanishing_gradients.ipynb",
              "reference solution": ROOT / "source/vanishing_gradients/vanishing_gradients.ipynb"}
     rows = {}

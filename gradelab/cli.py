@@ -73,7 +73,8 @@ def validate(notebook: Path, project: Path, require_sandbox: bool) -> None:
     except SandboxError as exc:
         console.print(f"[bold red]refused:[/] {exc}")
         sys.exit(2)
-    result = grader.grade(notebook, notebook.stem)
+    with grader:
+        result = grader.grade(notebook, notebook.stem)
     _print_result(result)
     auto_max = sum(q.points for q in grader.config.questions)
     failed = result.status != "graded" or any(t.status != "passed" for t in result.tests)
@@ -190,7 +191,8 @@ def gradescope(project: Path, notebook: Path, results: Path) -> None:
 
     from gradelab.grading import Grader, Project
 
-    result = Grader(Project.load(project)).grade(notebook, notebook.stem)
+    with Grader(Project.load(project)) as grader:
+        result = grader.grade(notebook, notebook.stem)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(result.to_gradescope(), indent=2), encoding="utf-8")
     console.print(f"{result.student_id}: {result.score:g} / {result.max_score:g} → {results}")

@@ -18,6 +18,7 @@ import gc
 import hashlib
 import importlib.util
 import json
+import multiprocessing.util
 import os
 import signal
 import socket
@@ -126,6 +127,23 @@ class Grader:
         self.shell = executor.make_shell()
         _warm_up()
         self.runners = _TestRunners(project)
+        # Sandboxes of finished submissions: killed, reaped before the next spawn (which reuses
+        # their cgroup names) or by close(), so that no grading waits for the kernel's teardown.
+        self._dying: list[sandbox.Sandbox] = []
+        # Runs once: from close(), when the grader is collected, or when the process exits
+        # (pool workers and the CLI both exit through multiprocessing's exit function).
+        self._finalizer = multiprocessing.util.Finalize(self, _shut_down, args=(self._dying, self.runners),
+                                                        exitpriority=10)
+
+    def close(self) -> None:
+        """Reap the last sandboxes, remove their cgroups, stop the test-runner zygote. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> "Grader":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
     # -------------------------------------------------------------- public
 
@@ -182,6 +200,7 @@ class Grader:
     # -------------------------------------------------------------- sandbox
 
     def _spawn_sandbox(self, cells: list[tuple[int, str]], seed: int, private: list[Path]):
+        _reap_sandboxes(self._dying)
         ctl_parent, ctl_child = socket.socketpair()
         rpc_runner, rpc_child = socket.socketpair()
         helper_files, shell, limits = self.helper_files, self.shell, self.config.limits
@@ -275,7 +294,7 @@ class Grader:
         try:
             outcomes = self._run_tests(rpc, seed, execution, deadline, boxes, submission)
         finally:
-            _close(boxes)
+            self._retire(boxes)
             if rpc is not None:
                 rpc.close()
         return outcomes, execution, messages
@@ -334,8 +353,15 @@ class Grader:
             _kill(runner)
             control_parent.close()
 
+    def _retire(self, boxes: list) -> None:
+        """Kill a submission's live sandboxes now; reap them later (see `_dying`)."""
+        for box in boxes:
+            box.kill(reap=False)
+        self._dying.extend(boxes)
+        boxes.clear()
+
     def _restart_for_runner(self, control, submission, seed, execution, deadline, boxes) -> None:
-        _close(boxes)
+        self._retire(boxes)
         if execution.restarts >= MAX_RESTARTS:
             wire.send_msg(control, {"ok": False, "message": "the student's process was restarted too often"})
             return
@@ -446,12 +472,15 @@ def _import_reference(solutions_dir: Path):
     return module
 
 
-def _close(boxes: list) -> None:
-    """Kill every live sandbox of a submission and remove its cgroups."""
-    for box in boxes:
-        box.kill()
-        box.cleanup()
-    boxes.clear()
+def _reap_sandboxes(boxes: list) -> None:
+    """Reap killed sandboxes and remove their cgroups."""
+    while boxes:
+        boxes.pop().cleanup()
+
+
+def _shut_down(dying: list, runners: _TestRunners) -> None:
+    _reap_sandboxes(dying)
+    runners.close()
 
 
 def _merge(collected: list[TestOutcome], verdicts: dict[tuple[str, str], TestOutcome]) -> list[TestOutcome]:

@@ -438,8 +438,9 @@ class Sandbox:
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.02)
 
-    def kill(self) -> None:
-        """SIGKILL the child (the whole pid namespace dies with it) and reap it."""
+    def kill(self, *, reap: bool = True) -> None:
+        """SIGKILL the child (the whole pid namespace dies with it) and reap it; with reap=False,
+        return at once and let `cleanup()` reap it later (the kernel tears it down meanwhile)."""
         if self._status is None:
             with suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
@@ -447,10 +448,11 @@ class Sandbox:
             for pid in _cgroup_pids(directory):
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        self.wait(None)
+        if reap:
+            self.wait(None)
 
     def cleanup(self) -> None:
-        """Remove the per-child cgroups (killing the child first if it still runs); idempotent."""
+        """Remove the per-child cgroups (killing and reaping the child first); idempotent."""
         if self._status is None:
             self.kill()
         if self._oom_killed is None:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -170,18 +171,27 @@ def check_expectations(result: SubmissionResult, expected: dict) -> Failures:
     return failures
 
 
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+PF_EXITING = 0x4  # the kernel's per-process flag, in /proc/<pid>/stat
+
+
 def _live_sandbox_processes() -> list[int]:
-    """Processes of our sandbox uid that still run. Zombies are left out: the sandbox's pid 1 is
-    orphaned when its parent is killed, and the machine's init reaps it a moment later."""
+    """Processes of our sandbox uid that can still run code. Left out: zombies, processes with
+    SIGKILL pending and processes already exiting, which the kernel is tearing down (the grader
+    kills a finished submission's sandbox and reaps it before the next one starts)."""
     uid = str(UID_BASE + SLOT)
     found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-        except OSError:
+            fields = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines() if ":" in line)
+            flags = int((proc / "stat").read_text().rpartition(")")[2].split()[6])
+        except (OSError, IndexError, ValueError):
             continue  # the process ended meanwhile
-        if uid in fields.get("Uid", "").split() and not fields.get("State", "").strip().startswith("Z"):
-            found.append(int(status.parent.name))
+        if uid not in fields.get("Uid", "").split() or fields.get("State", "").strip()[:1] in ("Z", "X"):
+            continue
+        pending = int(fields.get("SigPnd", "0"), 16) | int(fields.get("ShdPnd", "0"), 16)
+        if not pending & SIGKILL_BIT and not flags & PF_EXITING:
+            found.append(int(proc.name))
     return found
 
 
