@@ -333,7 +333,7 @@ class _Plan:
     read_trees: tuple[str, ...]  # absolute candidates for read-only Landlock rules, before removing `hide`
     require: bool
     report_fd: int
-    cgroup_procs: tuple[tuple[str, str], ...]  # (layer, path of a cgroup.procs file to join)
+    cgroup_joins: tuple[tuple[str, str], ...]  # (layer, file C writes "0" to, to join the cgroup)
     statuses: tuple[tuple[str, str], ...]  # layers already decided in the parent (unavailable or failed)
     main_thread: bool
     parent_mount_ns: tuple[int, int]
@@ -373,7 +373,10 @@ class Sandbox:
         for key in LAYERS:
             if probe[key] != "available":
                 statuses[key] = probe[key]
-        joins = [(key, str(cgroups[controller] / "cgroup.procs"))
+        # "0" joins the writing thread. Through cgroup v1's `tasks` file that is cheap: moving a
+        # whole thread group (cgroup.procs) takes a global lock that waits for an RCU grace period,
+        # 6-25 ms here. C is single-threaded (just forked), so its thread is the whole process.
+        joins = [(key, str(cgroups[controller] / ("cgroup.procs" if _is_cgroup_v2(cgroups[controller]) else "tasks")))
                  for key, controller in (("cgroup_memory", "memory"), ("cgroup_pids", "pids"))
                  if controller in cgroups]
         # The gradelab package is code only; the RPC server that runs in the sandbox may import from it.
@@ -389,7 +392,7 @@ class Sandbox:
             limits=limits, uid=UID_BASE + slot, root=os.geteuid() == 0, keep_fds=tuple(keep_fds),
             hide=tuple(os.path.realpath(p) for p in hide),
             read_trees=tuple(dict.fromkeys(os.path.abspath(p) for p in read_trees)),
-            require=require, report_fd=report_write, cgroup_procs=tuple(joins), statuses=tuple(statuses.items()),
+            require=require, report_fd=report_write, cgroup_joins=tuple(joins), statuses=tuple(statuses.items()),
             main_thread=threading.current_thread() is threading.main_thread(),
             parent_mount_ns=_mount_namespace(),
         )
@@ -508,8 +511,8 @@ def _intermediate_main(target: Callable[[], int], plan: _Plan) -> NoReturn:
         os.dup2(null, 0)
         os.close(null)
         status = dict(plan.statuses)
-        for key, procs in plan.cgroup_procs:
-            status[key] = _guarded(lambda: _write(Path(procs), str(os.getpid())))
+        for key, join_file in plan.cgroup_joins:
+            status[key] = _guarded(lambda: _write(Path(join_file), "0"))
         if "namespaces" not in status:
             status["namespaces"] = _guarded(lambda: _unshare(plan))
         lifeline_read, lifeline_write = os.pipe()
