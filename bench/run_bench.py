@@ -42,20 +42,63 @@ def _median(values):
 # ------------------------------------------------------------------ engine overhead
 
 
+PHASES = ("spawn to first cell", "around the cells", "test runner start", "pytest protocol", "end")
+
+
+class MessageClock:
+    """Times the supervisor's reads of sandbox and runner messages (a probe for this benchmark):
+    turns one grading into the engine's phases."""
+
+    def __init__(self):
+        import gradelab.grading
+
+        self.module = gradelab.grading.wire
+        self.read = self.module.recv_msg
+        self.events: list[tuple[float, str, dict]] = []
+        self.module.recv_msg = self._timed  # gradelab.grading reads through wire.recv_msg
+
+    def _timed(self, *args, **kwargs):
+        message = self.read(*args, **kwargs)
+        if isinstance(message, dict):
+            self.events.append((time.perf_counter(), message.get("event") or message.get("op") or "", message))
+        return message
+
+    def grade(self, grader, path: Path):
+        self.events.clear()
+        started = time.perf_counter()
+        result = grader.grade(path, "bench")
+        ended = time.perf_counter()
+        at = {name: next(t for t, n, _ in self.events if n == name) for name in ("cell_start", "ready", "collected", "done")}
+        cells = sum(m.get("seconds", 0.0) for _, n, m in self.events if n == "cell_end")
+        tests = sum(t.duration for t in result.tests)
+        phases = dict(zip(PHASES, (at["cell_start"] - started, at["ready"] - at["cell_start"] - cells,
+                                   at["collected"] - at["ready"], at["done"] - at["collected"] - tests,
+                                   ended - at["done"])))
+        return result, phases
+
+    def close(self) -> None:
+        self.module.recv_msg = self.read
+
+
 def bench_overhead(rounds: int) -> dict:
     from gradelab.grading import Grader, Project
 
-    with Grader(Project.load(ROOT)) as grader:
-        return _overhead_rounds(grader, rounds)
+    clock = MessageClock()
+    try:
+        with Grader(Project.load(ROOT)) as grader:
+            return _overhead_rounds(grader, clock, rounds)
+    finally:
+        clock.close()
 
 
-def _overhead_rounds(grader, rounds: int) -> dict:
+def _overhead_rounds(grader, clock: MessageClock, rounds: int) -> dict:
     cases = {"untouched release": ROOT / "release/vanishing_gradients/vanishing_gradients.ipynb",
              "reference solution": ROOT / "source/vanishing_gradients/vanishing_gradients.ipynb"}
-    rows = {}
+    rows, phases = {}, {}
     for label, path in cases.items():
         grader.grade(path, "warm-up")
-        results = [grader.grade(path, "bench") for _ in range(rounds)]
+        results, timelines = zip(*(clock.grade(grader, path) for _ in range(rounds)))
+        phases[label] = {name: _median([t[name] for t in timelines]) for name in PHASES}
         overheads = [r.grading_time - r.execution_time - r.test_time for r in results]
         rows[label] = {"total": _median([r.grading_time for r in results]),
                        "student code": _median([r.execution_time for r in results]),
@@ -70,6 +113,10 @@ def _overhead_rounds(grader, rounds: int) -> dict:
               f"{row['hidden tests']:13.3f} {row['overhead']:9.3f} {row['overhead min']:7.3f}  < 0.150")
     print("student code includes (figures): rendering the notebook's figures at the end of their cells, "
           "which Jupyter's inline backend also does inside the cell")
+    print("\nWhere the overhead goes (medians, ms)")
+    print(f"{'submission':20} " + " ".join(f"{name:>20}" for name in PHASES))
+    for label, row in phases.items():
+        print(f"{label:20} " + " ".join(f"{1000 * row[name]:20.1f}" for name in PHASES))
     return rows
 
 
