@@ -233,14 +233,15 @@ class Grader:
                 return box, rpc
             box.kill()
             if box.oom_killed:
-                stop = _Stop(stop.cell, "crashed", f"the process ran out of memory "
+                stop = _Stop(stop.cell, "crashed", stop.seconds, f"the process ran out of memory "
                                                    f"(limit {self.config.limits.memory_mb} MB)")
             layers = box.layers
             box.cleanup()
             rpc.close()
             if stop.cell < 0:
                 raise SubmissionTimeout(f"the sandbox could not start ({stop.why}; layers: {layers})", [], execution)
-            execution.cells[stop.cell] = {"index": stop.cell, "status": stop.status,
+            # The cell's own clock died with the process: the supervisor's stands in for it.
+            execution.cells[stop.cell] = {"index": stop.cell, "status": stop.status, "seconds": stop.seconds,
                                           "error": {"type": "Killed", "message": stop.why}}
             if execution.restarts >= MAX_RESTARTS or time.monotonic() > deadline:
                 raise SubmissionTimeout("the notebook could not be run to the end", [], execution)
@@ -250,20 +251,20 @@ class Grader:
     def _follow(self, box, ctl: socket.socket, execution: Execution, deadline: float) -> "_Stop | None":
         """Read the sandbox's progress until it is ready for the tests (None), or say in which
         cell it died or hung (cell -1: before running any)."""
-        current = -1
+        current, cell_started = -1, time.monotonic()
         cell_deadline = time.monotonic() + 30  # start-up
         while True:
             timeout = max(0.05, min(cell_deadline, deadline) - time.monotonic())
             try:
                 message = wire.recv_msg(ctl, timeout=timeout, max_bytes=128 << 20)
             except TimeoutError:
-                return _Stop(current, "timeout", f"the cell ran longer than {self.config.limits.cell_timeout:g} s "
-                                                 f"and was stopped")
+                return _Stop(current, "timeout", time.monotonic() - cell_started,
+                             f"the cell ran longer than {self.config.limits.cell_timeout:g} s and was stopped")
             except (EOFError, OSError, wire.WireError):
-                return _Stop(current, "crashed", _death(box.wait(timeout=1.0)))
+                return _Stop(current, "crashed", time.monotonic() - cell_started, _death(box.wait(timeout=1.0)))
             event = message.get("event") if isinstance(message, dict) else None
             if event == "cell_start":
-                current = int(message["index"])
+                current, cell_started = int(message["index"]), time.monotonic()
                 cell_deadline = time.monotonic() + self.config.limits.cell_timeout + 5
             elif event == "cell_end":
                 execution.cells[int(message["index"])] = message
@@ -273,7 +274,8 @@ class Grader:
                 execution.figures = [f for f in message.get("figures", []) if isinstance(f, dict)]
                 return None
             else:
-                return _Stop(current, "crashed", "the process sent an unexpected message")
+                return _Stop(current, "crashed", time.monotonic() - cell_started,
+                             "the process sent an unexpected message")
 
     # -------------------------------------------------------------- test runner
 
@@ -395,6 +397,7 @@ class Grader:
 class _Stop:
     cell: int
     status: str
+    seconds: float  # since the cell started, as the supervisor saw it
     why: str
 
 
