@@ -68,7 +68,8 @@ class MessageClock:
         started = time.perf_counter()
         result = grader.grade(path, "bench")
         ended = time.perf_counter()
-        at = {name: next(t for t, n, _ in self.events if n == name) for name in ("cell_start", "ready", "collected", "done")}
+        at = {name: next(t for t, n, _ in self.events if n == name)
+              for name in ("cell_start", "ready", "collected", "done")}
         cells = sum(m.get("seconds", 0.0) for _, n, m in self.events if n == "cell_end")
         tests = sum(t.duration for t in result.tests)
         phases = dict(zip(PHASES, (at["cell_start"] - started, at["ready"] - at["cell_start"] - cells,

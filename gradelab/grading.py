@@ -98,7 +98,7 @@ class Execution:
     @property
     def figure_seconds(self) -> float:
         """Of `student_seconds`: rendering the figures at the end of their cells."""
-        return sum(c.get("render_seconds", 0.0) for c in self.cells.values() if type(c.get("render_seconds")) is float)
+        return sum(c["render_seconds"] for c in self.cells.values() if type(c.get("render_seconds")) is float)
 
 
 class Grader:

@@ -20,8 +20,8 @@ import inspect
 import io
 import math
 import struct
-import time
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -364,10 +364,10 @@ class GradingPlugin:
             status, output = "passed", ""
             if report.failed:
                 status, output = _verdict(call.excinfo.value if call.excinfo else None)
+            seconds = call.duration + (self._setup_seconds if report.when == "call" else 0.0)
             outcome = TestOutcome(name=c.name, question=c.question, max_score=c.max_score,
                                   score=c.max_score if status == "passed" else 0.0, status=status, output=output,
-                                  visibility=c.visibility,
-                                  duration=round(call.duration + (self._setup_seconds if report.when == "call" else 0.0), 4))
+                                  visibility=c.visibility, duration=round(seconds, 4))
             self.report({"op": "outcome", "outcome": outcome.model_dump()})
         return report
 
