@@ -181,6 +181,11 @@ def _grade_with_gradelab(batch: Path, out: Path) -> tuple[float, int, float]:
     return seconds, graded, max(workers, default=0) / 1024
 
 
+def _gradelab_row(batch: Path, out: Path) -> dict:
+    seconds, graded, worker_mb = _grade_with_gradelab(batch, out)
+    return {"seconds": seconds, "n": graded, "per": seconds / max(graded, 1), "worker_mb": worker_mb}
+
+
 def _grade_with_nbgrader(batch: Path, work: Path) -> tuple[float, int]:
     course = work / "course"
     source = course / "source" / "vanishing_gradients"
@@ -228,16 +233,12 @@ def bench_batch(sizes: list[int], nbgrader_size: int) -> dict:
         for size in sizes:
             batch = tmp / f"batch{size}"
             make_batch(batch, size)
-            seconds, graded, worker_mb = _grade_with_gradelab(batch, tmp / f"out{size}")
-            rows[f"gradelab {size}"] = {"seconds": seconds, "n": graded, "per": seconds / max(graded, 1),
-                                        "worker_mb": worker_mb}
+            rows[f"gradelab {size}"] = _gradelab_row(batch, tmp / f"out{size}")
         if nbgrader_size:
             full = tmp / f"nb_batch{nbgrader_size}"
             make_batch(full, nbgrader_size)
             safe = _safe_subset(full, tmp / "safe")
-            seconds, graded, worker_mb = _grade_with_gradelab(safe, tmp / "out_safe")
-            rows["gradelab safe"] = {"seconds": seconds, "n": graded, "per": seconds / max(graded, 1),
-                                     "worker_mb": worker_mb}
+            rows["gradelab safe"] = _gradelab_row(safe, tmp / "out_safe")
             seconds, n = _grade_with_nbgrader(safe, tmp / "nbgrader")
             rows["nbgrader safe"] = {"seconds": seconds, "n": n, "per": seconds / max(n, 1)}
     print(f"\nBatch grading ({os.cpu_count()} cores; gradelab with one worker per core, nbgrader serial)")

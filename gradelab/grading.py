@@ -253,15 +253,19 @@ class Grader:
         cell it died or hung (cell -1: before running any)."""
         current, cell_started = -1, time.monotonic()
         cell_deadline = time.monotonic() + 30  # start-up
+
+        def stop(status: str, why: str) -> _Stop:
+            return _Stop(current, status, time.monotonic() - cell_started, why)
+
         while True:
             timeout = max(0.05, min(cell_deadline, deadline) - time.monotonic())
             try:
                 message = wire.recv_msg(ctl, timeout=timeout, max_bytes=128 << 20)
             except TimeoutError:
-                return _Stop(current, "timeout", time.monotonic() - cell_started,
-                             f"the cell ran longer than {self.config.limits.cell_timeout:g} s and was stopped")
+                limit = self.config.limits.cell_timeout
+                return stop("timeout", f"the cell ran longer than {limit:g} s and was stopped")
             except (EOFError, OSError, wire.WireError):
-                return _Stop(current, "crashed", time.monotonic() - cell_started, _death(box.wait(timeout=1.0)))
+                return stop("crashed", _death(box.wait(timeout=1.0)))
             event = message.get("event") if isinstance(message, dict) else None
             if event == "cell_start":
                 current, cell_started = int(message["index"]), time.monotonic()
@@ -274,8 +278,7 @@ class Grader:
                 execution.figures = [f for f in message.get("figures", []) if isinstance(f, dict)]
                 return None
             else:
-                return _Stop(current, "crashed", time.monotonic() - cell_started,
-                             "the process sent an unexpected message")
+                return stop("crashed", "the process sent an unexpected message")
 
     # -------------------------------------------------------------- test runner
 

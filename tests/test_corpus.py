@@ -124,12 +124,13 @@ def observers():
 
 
 @pytest.fixture(scope="module")
-def grader(observers: Observers) -> Grader:
+def grader(observers: Observers):
     project = Project.load(ROOT)
     limits = project.config.limits.model_copy(update={
         "cell_timeout": CELL_TIMEOUT, "test_timeout": TEST_TIMEOUT, "submission_timeout": SUBMISSION_TIMEOUT})
-    return Grader(dataclasses.replace(project, config=project.config.model_copy(update={"limits": limits})),
-                  slot=SLOT)
+    with Grader(dataclasses.replace(project, config=project.config.model_copy(update={"limits": limits})),
+                slot=SLOT) as grader:
+        yield grader
 
 
 @pytest.fixture(scope="module")

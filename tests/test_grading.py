@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def grader(root) -> Grader:
-    return Grader(Project.load(root))
+def grader(root):
+    with Grader(Project.load(root)) as grader:
+        yield grader
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +88,11 @@ def test_hidden_tests_that_cannot_be_collected_stop_each_grading_with_a_message(
         copy = shutil.copytree if (root / part).is_dir() else shutil.copy
         copy(root / part, tmp_path / part)
     (tmp_path / "autograder/tests/test_part1.py").write_text("def test_broken(:\n")
-    grader = Grader(Project.load(tmp_path))
-    for _ in range(2):
-        result = grader.grade(root / "release/vanishing_gradients/vanishing_gradients.ipynb", "blank")
-        assert result.status == "crashed"
-        assert any("hidden tests could not be collected" in m for m in result.messages), result.messages
+    with Grader(Project.load(tmp_path)) as grader:
+        for _ in range(2):
+            result = grader.grade(root / "release/vanishing_gradients/vanishing_gradients.ipynb", "blank")
+            assert result.status == "crashed"
+            assert any("hidden tests could not be collected" in m for m in result.messages), result.messages
 
 
 def test_same_submission_same_score_and_messages(grader, root):

@@ -52,18 +52,18 @@ ax.violinplot(list(gradient_data(model_sig).values()))
 
 @pytest.fixture(scope="module")
 def graded(root, tmp_path_factory):
-    grader = Grader(Project.load(root))
     source = nbformat.read(root / "source/vanishing_gradients/vanishing_gradients.ipynb", as_version=4)
     folder = tmp_path_factory.mktemp("plots")
     results = {}
-    for name, (code, _, _) in CASES.items():
-        nb = nbformat.from_dict(source)
-        for cell in nb.cells:
-            if cell.metadata.get("nbgrader", {}).get("grade_id") == "q2_2_plot":
-                cell.source = code.strip()
-        path = folder / f"{name.replace(' ', '_').replace(',', '')}.ipynb"
-        nbformat.write(nb, path)
-        results[name] = grader.grade(path, path.stem, out_dir=folder / "out")
+    with Grader(Project.load(root)) as grader:
+        for name, (code, _, _) in CASES.items():
+            nb = nbformat.from_dict(source)
+            for cell in nb.cells:
+                if cell.metadata.get("nbgrader", {}).get("grade_id") == "q2_2_plot":
+                    cell.source = code.strip()
+            path = folder / f"{name.replace(' ', '_').replace(',', '')}.ipynb"
+            nbformat.write(nb, path)
+            results[name] = grader.grade(path, path.stem, out_dir=folder / "out")
     return results
 
 
