@@ -8,9 +8,11 @@ and the result is written as .ipynb (or as the broken file a student really uplo
     python examples/make_submissions.py OUT_DIR      # the example batch: OUT_DIR/<student id>.ipynb
     make_batch(out_dir, n)                           # n files cycling through the variants
 
-Most variants start from FAST: correct answers everywhere except the XOR cell, which keeps its
-stub, so that grading them skips the XOR training (about 5 s per submission). The expected
-outcome of each example is in examples/expected.yml.
+The correct answers are the instructor's solution cells of source/ (CORRECT); the other correct
+variants are written differently, and the wrong ones are small edits of CORRECT. Most variants
+start from FAST: correct answers everywhere except the XOR cell, which keeps its stub, so that
+grading them skips the XOR training. The expected outcome of each example is in
+examples/expected.yml.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def code(text: str) -> str:
     return textwrap.dedent(text).strip("\n")
 
 
+def indented(spaces: int, text: str) -> str:
+    """`code(text)` indented by `spaces`: a piece of a function or class body."""
+    return textwrap.indent(code(text), " " * spaces)
+
+
 def joined(*sources: str) -> str:
     """Several top-level blocks in one cell, two blank lines apart."""
     return "\n\n\n".join(sources)
@@ -49,174 +56,23 @@ def edit(source: str, old: str, new: str) -> str:
 
 # ------------------------------------------------------------------ correct answers
 
-KILL_BY_INITIALIZER = ("    # Huge weights in the first layer saturate the activation after it: its gradient is 0.\n"
-                       "    model.apply(Initializer(target_layer=0, multiplier=100.0))\n")
-
-CORRECT: dict[str, str] = {
-    "q1_1_tensors": code("""
-        x = torch.tensor(3.0)
-        y = torch.tensor(7.0)
-        z = x * y
-        A = nn.init.uniform_(torch.empty(3, 3), -1.0, 1.0)
-        b = nn.init.uniform_(torch.empty(3, 1), -1.0, 1.0)
-        c = A @ b
-        d = np.array([[1], [2], [3]])
-        print(c)
-        c = c + d
-        print(c)
-    """),
-    "q1_2_sigmoid": code('''
-        def my_sigmoid(x):
-            """Return the sigmoid activation of the tensor x."""
-            a = 1 / (1 + torch.exp(-x))
-            return a
+SOURCE_NOTEBOOK = ROOT / "source" / "vanishing_gradients" / "vanishing_gradients.ipynb"
+SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION")
 
 
-        def my_sigmoid_grad(a):
-            """Return the gradient of the sigmoid, given its activation a = my_sigmoid(x)."""
-            grad = a * (1 - a)
-            return grad
-    '''),
-    "q1_3_autograd": code("""
-        # Gradients from your own function:
-        a = my_sigmoid(x)
-        gradients = my_sigmoid_grad(a)
-
-        # Gradients from PyTorch:
-        x_copy = x.detach().clone().requires_grad_(True)
-        my_sigmoid(x_copy).sum().backward()
-        pytorch_gradients = x_copy.grad
-    """),
-    "q1_4_build_model": code('''
-        class NeuralNetwork(nn.Module):
-            def __init__(self, activation=nn.Sigmoid()):
-                super().__init__()
-                self.linear_stack = nn.Sequential(
-                    nn.Linear(2, 2), activation,
-                    nn.Linear(2, 2), activation,
-                    nn.Linear(2, 2), activation,
-                    nn.Linear(2, 2),
-                )
-
-            def forward(self, x):
-                logits = self.linear_stack(x)
-                return logits
+def reference_answers(source: Path = SOURCE_NOTEBOOK) -> dict[str, str]:
+    """The instructor's code solution cells by grade_id, as a student who wrote them would hand
+    them in: the solution markers gone. (Free-text answers keep the released stub.)"""
+    answers = {}
+    for cell in nbformat.read(source, as_version=4).cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if cell.cell_type == "code" and meta.get("solution"):
+            lines = [line for line in cell.source.splitlines() if line.strip() not in SOLUTION_MARKERS]
+            answers[meta["grade_id"]] = "\n".join(lines)
+    return answers
 
 
-        def build_model(activation=nn.Sigmoid()):
-            """Return the 2-2-2-2-2 model with `activation` after every layer but the last,
-            and weights drawn uniformly from [-1, 1]."""
-            model = NeuralNetwork(activation)
-            for layer in model.modules():
-                if isinstance(layer, nn.Linear):
-                    nn.init.uniform_(layer.weight, -1.0, 1.0)
-            return model
-    '''),
-    "q2_2_plot": code("""
-        model_sig = build_model(nn.Sigmoid())
-        fig_sig = plot_grad(model_sig)
-    """),
-    "q2_4_plot": code("""
-        model_tanh = build_model(nn.Tanh())
-        fig_tanh = plot_grad(model_tanh)
-    """),
-    "q2_6_plot": code("""
-        model_relu = build_model(nn.ReLU())
-        fig_relu = plot_grad(model_relu)
-    """),
-    # Its own layers, not build_model's: a bug in build_model then shows in Exercise 1.4 only.
-    "q2_8_glorot": code('''
-        def build_model_glorot(activation=nn.Sigmoid()):
-            """Return the 2-2-2-2-2 model with Glorot (Xavier) normal initialisation."""
-            layers = []
-            for i in range(4):
-                layers.append(nn.Linear(2, 2))
-                nn.init.xavier_normal_(layers[-1].weight)
-                if i < 3:
-                    layers.append(activation)
-            return nn.Sequential(*layers)
-    '''),
-    "q2_8_plots": code("""
-        model2_sig = build_model_glorot(nn.Sigmoid())
-        fig2_sig = plot_grad(model2_sig)
-        model2_tanh = build_model_glorot(nn.Tanh())
-        fig2_tanh = plot_grad(model2_tanh)
-        model2_relu = build_model_glorot(nn.ReLU())
-        fig2_relu = plot_grad(model2_relu)
-    """),
-    "q3_1_deep": code("""
-        def deep_network(depth, activation=nn.Sigmoid()):
-            layers = [nn.Linear(10, 5)]
-            for _ in range(depth - 1):
-                layers += [activation, nn.Linear(5, 5)]
-            return nn.Sequential(*layers)
-
-
-        def kill_gradients(model):
-    """) + "\n" + KILL_BY_INITIALIZER + "    return model",
-    "q3_1_depth": code("""
-        def first_layer_gradient(depth, activation, seed):
-            torch.manual_seed(seed)
-            grads = gradient_print(deep_network(depth, activation), seed=seed, verbose=False)
-            return grads[0].abs().max().item()
-
-        def dying_depth(activation):
-            for depth in range(2, 26):
-                if np.median([first_layer_gradient(depth, activation, s) for s in range(5)]) < 1e-6:
-                    return depth
-
-        sigmoid_depth_without_initializer = dying_depth(nn.Sigmoid())
-        tanh_depth_without_initializer = dying_depth(nn.Tanh())
-        print("sigmoid:", sigmoid_depth_without_initializer, " tanh:", tanh_depth_without_initializer)
-    """),
-    "q3_2_negative": code("""
-        class NegativeInitializer:
-            def __init__(self, target_layer):
-                self.counter = -1
-                self.target_layer = target_layer
-
-            def __call__(self, module):
-                self.counter += 1
-                if self.counter == self.target_layer:
-                    with torch.no_grad():
-                        module.weight.fill_(-1.0)
-                        module.bias.fill_(-1.0)  # or a positive bias still opens the ReLU
-    """),
-    "q3_3_xor": code("""
-        def make_xor_model():
-            model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
-            for layer in model:
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, 0.0, 1.5)
-                    nn.init.zeros_(layer.bias)
-            return model
-    """),
-    "qb_1_he": code("""
-        def he_init_(model, negative_slope=0.0):
-            for layer in model.modules():
-                if isinstance(layer, nn.Linear):
-                    nn.init.kaiming_normal_(layer.weight, a=negative_slope, nonlinearity="leaky_relu")
-                    nn.init.zeros_(layer.bias)
-            return model
-    """),
-    "qb_2_saturation": code("""
-        def saturation_fraction(model, inputs, threshold=0.99):
-            outputs = []
-            hooks = [m.register_forward_hook(lambda mod, inp, out: outputs.append(out))
-                     for m in model.modules() if isinstance(m, nn.Tanh)]
-            with torch.no_grad():
-                model(inputs)
-            for hook in hooks:
-                hook.remove()
-            return float((torch.cat([o.flatten() for o in outputs]).abs() > threshold).double().mean())
-    """),
-    "qb_3_loss": code("""
-        import math
-
-        def expected_initial_loss(num_classes):
-            return math.log(num_classes)
-    """),
-}
+CORRECT = reference_answers()
 
 # The base of every variant that does not concern XOR: its cell keeps the released stub.
 FAST: dict[str, str] = {grade_id: source for grade_id, source in CORRECT.items() if grade_id != "q3_3_xor"}
@@ -541,10 +397,14 @@ BONUS_LEFT_AS_TEMPLATE = {
     "qb_1_he": "def he_init_(model, negative_slope=0.0):\n    raise NotImplemented",
     "qb_2_saturation": 'def saturation_fraction(model, inputs, threshold=0.99):\n    raise NotImplemented("bonus")',
 }
-UNIFORM_0_1 = edit(CORRECT["q1_4_build_model"], "nn.init.uniform_(layer.weight, -1.0, 1.0)",
+UNIFORM_0_1 = edit(CORRECT["q1_4_build_model"], "nn.init.uniform_(layer.weight, a=-1.0, b=1.0)",
                    "nn.init.uniform_(layer.weight)")
-NEGATIVE_WEIGHTS_ONLY = edit(edit(CORRECT["q3_2_negative"], "module.weight.fill_(-1.0)", "module.weight.fill_(-0.01)"),
-                             "\n                module.bias.fill_(-1.0)  # or a positive bias still opens the ReLU", "")
+NEGATIVE_WEIGHTS_ONLY = edit(CORRECT["q3_2_negative"], indented(16, """
+    submodule.weight.fill_(-1.0)
+    # Negative weights alone leave a positive bias able to open the ReLU.
+    if submodule.bias is not None:
+        submodule.bias.fill_(-1.0)
+"""), indented(16, "submodule.weight.fill_(-0.01)"))
 LAST_LINEAR = "            nn.Linear(2, 2),\n        )"
 OUTPUT_WIDTH_1 = edit(CORRECT["q1_4_build_model"], LAST_LINEAR, "            nn.Linear(2, 1),\n        )")
 ACTIVATION_AFTER_OUTPUT = edit(CORRECT["q1_4_build_model"], LAST_LINEAR,
@@ -744,20 +604,20 @@ HANGING_FUNCTION = code("""
         return low
 """)
 # The depth is never increased: the cell itself loops forever.
-HANGING_CELL = edit(CORRECT["q3_1_depth"], code("""
-        def dying_depth(activation):
-            for depth in range(2, 26):
-                if np.median([first_layer_gradient(depth, activation, s) for s in range(5)]) < 1e-6:
-                    return depth
-"""), code("""
-        def dying_depth(activation):
-            depth = 2
-            while np.median([first_layer_gradient(depth, activation, s) for s in range(5)]) >= 1e-6:
-                pass
+HANGING_CELL = edit(CORRECT["q3_1_depth"], indented(4, """
+    for depth in range(2, 26):
+        median = float(np.median([first_layer_gradient(depth, activation, seed) for seed in range(5)]))
+        if median < threshold:
             return depth
+    return None
+"""), indented(4, """
+    depth = 2
+    while float(np.median([first_layer_gradient(depth, activation, seed) for seed in range(5)])) >= threshold:
+        pass
+    return depth
 """))
 # The student's own extra cell: ReLU gradients never die, so this loops forever too.
-RELU_DEPTH = "# and for ReLU?\nrelu_depth = dying_depth(nn.ReLU())"
+RELU_DEPTH = "# and for ReLU?\nrelu_depth = smallest_dying_depth(nn.ReLU())"
 
 HUGE_OUTPUT = joined(code("""
     import os
@@ -796,7 +656,8 @@ POISON_MODULES = joined(code("""
     for name in ("reference_solutions", "conftest", "test_part3", "pytest", "gradelab.testing"):
         sys.modules[name] = fake
     torch.testing.assert_close = lambda *args, **kwargs: None
-"""), edit(CORRECT["q3_1_deep"], KILL_BY_INITIALIZER, "    # the poisoned checks will accept the model as it is\n"))
+"""), edit(CORRECT["q3_1_deep"], "    model.apply(Initializer(target_layer=0, multiplier=10.0))\n",
+                                "    # the poisoned checks will accept the model as it is\n"))
 GC_WALK = code('''
     import gc
 
