@@ -9,6 +9,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+# nbformat imports jsonschema, which loads rfc3987_syntax when installed (the Jupyter stack installs
+# it) just to check the "iri" string format, which no notebook schema uses; that module builds a
+# parser at import time: 1.7 s in every process that reads a notebook (this one, each pool worker,
+# every Gradescope run). Blocking it leaves jsonschema without that one format checker.
+sys.modules.setdefault("rfc3987_syntax", None)
+
 console = Console(stderr=True)
 PROJECT_OPTION = click.option("--project", type=click.Path(file_okay=False, path_type=Path), default=".",
                               show_default=True, help="The assignment repository (holds grading_config.yml).")
