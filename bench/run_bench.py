@@ -14,8 +14,9 @@ batch: generates batches with examples/make_submissions.py (a mix of correct, wr
 broken submissions), grades them with `gradelab grade` (all cores), and grades a batch without
 the attacks on the host (nbgrader has no sandbox: one of them kills it) with `gradelab grade` (all
 cores, then one worker) and `nbgrader autograde` (nbgrader's own course layout, same notebooks),
-and its correct submissions alone with both; prints seconds per submission, the ratios, the peak memory of each grading worker, how time grows
-with size, where the workers' time went and the best ratio the students' own code allows.
+and its correct submissions alone with both; prints seconds per submission, the ratios, the peak
+memory of each grading worker, how time grows with size, where the workers' time went and the best
+ratio the students' own code allows.
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def _gradelab_row(batch: Path, out: Path, workers: int = os.cpu_count() or 1) ->
              "hidden tests": sum(r.test_time for r in results),
              "engine": sum(r.grading_time - r.execution_time - r.test_time for r in results),
              "slowest code": max((r.execution_time for r in results), default=0.0)}
-    return {"seconds": seconds, "n": graded, "per": seconds / max(graded, 1), "worker_mb": worker_mb, **split}
+    return {"seconds": seconds, "n": graded, "per": seconds / max(graded, 1), "worker_mb": worker_mb,
+            "workers": workers, **split}
 
 
 def _grade_with_nbgrader(batch: Path, work: Path) -> tuple[float, int]:
@@ -269,7 +271,6 @@ def bench_batch(sizes: list[int], nbgrader_size: int) -> dict:
     for label, row in rows.items():
         mb = f"{row['worker_mb']:.0f}" if "worker_mb" in row else "-"
         print(f"{label:16} {row['n']:11d} {row['seconds']:9.1f} {row['per']:13.2f} {mb:>15}")
-    workers = os.cpu_count() or 1
     print("\nWhere gradelab's worker time went (seconds summed over each batch; slowest one: the largest "
           "student-code time of one submission)")
     print(f"{'run':16} {'student code':>13} {'hidden tests':>13} {'engine':>8} {'slowest one':>12}")
@@ -286,9 +287,9 @@ def bench_batch(sizes: list[int], nbgrader_size: int) -> dict:
         # The students' own code must run, spread over the workers at best, and no batch ends before
         # the slowest submission's own code has run: with free hidden tests and a free engine, the ratio
         # would still stay under this.
-        floor = max(ours["student code"] / workers, ours["slowest code"])
+        floor = max(ours["student code"] / ours["workers"], ours["slowest code"])
         print(f"best ratio possible here if hidden tests and engine cost nothing: {theirs['seconds'] / floor:.1f}x "
-              f"(nbgrader's {theirs['seconds']:.0f} s / max(student code / {workers} workers, "
+              f"(nbgrader's {theirs['seconds']:.0f} s / max(student code / {ours['workers']} workers, "
               f"the slowest one's student code) = {floor:.0f} s)")
         correct = rows["nbgrader correct"]["per"] / rows["gradelab correct"]["per"]
         print(f"nbgrader / gradelab on the {rows['nbgrader correct']['n']} correct submissions of that batch "
