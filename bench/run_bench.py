@@ -3,6 +3,8 @@
     ./run bench                    # everything below
     ./run bench overhead           # engine overhead per submission (target < 150 ms)
     ./run bench batch --sizes 50 200 --nbgrader 50
+    ./run bench notebook           # executing the instructor notebook (target < 60 s)
+    ./run bench fairness [--quick] # false-fail and miss rates of the statistical hidden tests (bench/fairness.py)
 
 overhead: grades the untouched release and the reference solution repeatedly with one warm
 worker and splits each grading into the time the sandbox spent in the student's code (cells,
@@ -17,6 +19,13 @@ cores, then one worker) and `nbgrader autograde` (nbgrader's own course layout, 
 and its correct submissions alone with both; prints seconds per submission, the ratios, the peak
 memory of each grading worker, how time grows with size, where the workers' time went and the best
 ratio the students' own code allows.
+
+notebook: executes the instructor notebook (source/, reference solutions) top to bottom in a fresh
+Jupyter kernel, as a student's "Run All" would, kernel start included.
+
+fairness: simulates every hidden test whose verdict depends on random draws as the grader runs
+it, over thousands of submissions of correct and wrong variants, and prints how often each fails
+a correct answer and passes a wrong one (bench/fairness.py explains the method).
 """
 
 from __future__ import annotations
@@ -185,7 +194,7 @@ def _grade_with_gradelab(batch: Path, out: Path, workers: int) -> tuple[float, i
 
 
 def _gradelab_row(batch: Path, out: Path, workers: int = os.cpu_count() or 1) -> dict:
-    from gradelab.exports import load_results
+    from gradelab.publish.exports import load_results
 
     seconds, graded, worker_mb = _grade_with_gradelab(batch, out, workers)
     results = load_results(out)
@@ -301,17 +310,49 @@ def bench_batch(sizes: list[int], nbgrader_size: int) -> dict:
     return rows
 
 
+# ------------------------------------------------------------------ the instructor notebook
+
+
+NOTEBOOK_TARGET_SECONDS = 60.0
+
+
+def bench_notebook(rounds: int) -> list[float]:
+    import nbformat
+    from nbclient import NotebookClient
+
+    source = ROOT / "source" / "vanishing_gradients"
+    seconds = []
+    for _ in range(rounds):
+        nb = nbformat.read(source / "vanishing_gradients.ipynb", as_version=4)
+        started = time.monotonic()
+        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(source)}}).execute()
+        seconds.append(time.monotonic() - started)
+    print(f"\nExecuting the instructor notebook (fresh kernel each time, kernel start included; {rounds} runs)")
+    print(f"{'median':>8} {'min':>8} {'max':>8}  target")
+    print(f"{_median(seconds):8.1f} {min(seconds):8.1f} {max(seconds):8.1f}  < {NOTEBOOK_TARGET_SECONDS:.0f} s")
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", choices=["all", "overhead", "batch"], default="all")
+    parser.add_argument("what", nargs="?", choices=["all", "overhead", "batch", "notebook", "fairness"], default="all")
     parser.add_argument("--rounds", type=int, default=10, help="repetitions for the overhead figures")
+    parser.add_argument("--notebook-rounds", type=int, default=3, help="executions of the instructor notebook")
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200], help="batch sizes graded by gradelab")
     parser.add_argument("--nbgrader", type=int, default=50, help="batch size graded by nbgrader (0: skip)")
+    parser.add_argument("--quick", action="store_true", help="fairness: a smoke run with a few submissions")
+    parser.add_argument("--scale", type=float, default=1.0, help="fairness: multiply the simulated submissions")
     args = parser.parse_args()
     if args.what in ("all", "overhead"):
         bench_overhead(args.rounds)
     if args.what in ("all", "batch"):
         bench_batch(args.sizes, args.nbgrader)
+    if args.what in ("all", "notebook"):
+        bench_notebook(args.notebook_rounds)
+    if args.what in ("all", "fairness"):
+        import fairness  # bench/, beside this file
+
+        fairness.main([*(["--quick"] if args.quick else []), "--scale", str(args.scale)])
 
 
 if __name__ == "__main__":

@@ -675,6 +675,66 @@ GC_WALK = code('''
                 pass  # to do
 ''')
 
+# ------------------------------------------------------------------ answers that crash when called
+
+SIGMOID_SYSTEM_EXIT = edit(CORRECT["q1_2_sigmoid"], "a = 1 / (1 + torch.exp(-x))", "raise SystemExit(0)")
+KILL_GRADIENTS_INTERRUPT = edit(CORRECT["q3_1_deep"], "    model.apply(Initializer(target_layer=0, multiplier=10.0))\n",
+                                "    raise KeyboardInterrupt\n")
+SIGMOID_GRAD_OS_EXIT = joined("import os", edit(CORRECT["q1_2_sigmoid"], "grad = a * (1 - a)", "grad = os._exit(0)"))
+D_STRING = CORRECT["q1_1_tensors"] + '\nd = "1 2 3"'
+# Every answer of the right name and the wrong type: each test says what is wrong with the value.
+WRONG_TYPES = {
+    "q1_1_tensors": code("""
+        x = torch.tensor(3.0)
+        y = "7"
+        z = [21]
+        A = [[0.5, -0.5, 0.1]] * 3
+        b = (0.1, 0.2, 0.3)
+        c = None
+        d = "1 2 3"
+    """),
+    "q1_2_sigmoid": 'my_sigmoid = 5\nmy_sigmoid_grad = "a * (1 - a)"',
+    "q1_3_autograd": "pytorch_gradients = [0.25] * 100",
+    "q1_4_build_model": code("""
+        def build_model(activation=nn.Sigmoid()):
+            return "a 2-2-2-2-2 network"
+    """),
+    "q2_2_plot": 'model_sig, fig_sig = "sigmoid model", "sigmoid figure"',
+    "q2_4_plot": "model_tanh, fig_tanh = None, None",
+    "q2_6_plot": "model_relu, fig_relu = [nn.Linear(2, 2), nn.ReLU()], 6",
+    "q2_8_glorot": code("""
+        def build_model_glorot(activation=nn.Sigmoid()):
+            return [nn.Linear(2, 2), activation, nn.Linear(2, 2)]
+    """),
+    "q2_8_plots": 'model2_sig, model2_tanh, model2_relu = 1, 2.5, {"relu": 3}\nfig2_sig = fig2_tanh = fig2_relu = None',
+    "q3_1_deep": code("""
+        def deep_network(depth, activation=nn.Sigmoid()):
+            return {"depth": depth}
+
+
+        kill_gradients = "zero the first layer"
+    """),
+    "q3_1_depth": 'sigmoid_depth_without_initializer = "7"\ntanh_depth_without_initializer = 7.5',
+    "q3_2_negative": code("""
+        def NegativeInitializer(module):
+            if isinstance(module, nn.Linear):
+                module.weight.data.fill_(-1.0)
+    """),
+    "q3_3_xor": code("""
+        def make_xor_model():
+            return [nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)]
+    """),
+    "qb_1_he": "he_init_ = None",
+    "qb_2_saturation": code("""
+        def saturation_fraction(model, inputs, threshold=0.99):
+            return "12%"
+    """),
+    "qb_3_loss": code("""
+        def expected_initial_loss(num_classes):
+            return 10 ** 400
+    """),
+}
+
 # ------------------------------------------------------------------ broken files
 
 NOT_JSON = code("""
@@ -743,6 +803,12 @@ VARIANTS: dict[str, Variant] = {
     "hostile_huge_output": Variant({**FAST, "q1_4_build_model": HUGE_OUTPUT}),
     "hostile_kill_processes": Variant({**FAST, "q2_6_plot": KILL_PROCESSES}),
     "hostile_poison_and_gc_walk": Variant({**FAST, "q3_1_deep": POISON_MODULES, "q3_2_negative": GC_WALK}),
+    # answers that crash when called or have the wrong type: each costs only the tests that use it
+    "crash_sigmoid_system_exit": Variant({**FAST, "q1_2_sigmoid": SIGMOID_SYSTEM_EXIT}),
+    "crash_kill_gradients_keyboard_interrupt": Variant({**FAST, "q3_1_deep": KILL_GRADIENTS_INTERRUPT}),
+    "crash_sigmoid_grad_os_exit": Variant({**FAST, "q1_2_sigmoid": SIGMOID_GRAD_OS_EXIT}),
+    "wrong_type_d_string": Variant({**FAST, "q1_1_tensors": D_STRING}),
+    "wrong_types_everywhere": Variant({**CORRECT, **WRONG_TYPES}),
     # broken files and mangled notebooks
     "broken_not_json": Variant(file_text=NOT_JSON),
     "broken_truncated": Variant(FAST, truncate=True),

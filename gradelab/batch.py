@@ -25,13 +25,17 @@ from rich.table import Table
 
 from gradelab.collect import CollectReport, SubmissionFile, collect
 from gradelab.config import CONFIG_FILE, load_config
-from gradelab.gradebook import Gradebook
-from gradelab.late import assess
+from gradelab.errors import GradelabError, RefusedError
+from gradelab.gradebook import GRADEBOOK_FILE, Gradebook
 from gradelab.models import SubmissionResult
-
-GRADEBOOK_FILE = "gradebook.sqlite"
+from gradelab.publish.late import assess
 
 _worker_grader = None  # the warm Grader of this worker process
+SKIPPED_SHOWN = 5  # skipped entries named in the "nothing to grade" message
+
+
+class NothingToGrade(GradelabError):
+    """The submissions hold no notebook to grade; the message says what was found instead."""
 
 
 def _init_worker(project_root: str, require_sandbox: bool, slots) -> None:
@@ -41,10 +45,15 @@ def _init_worker(project_root: str, require_sandbox: bool, slots) -> None:
     with slots.get_lock():
         slot = slots.value
         slots.value += 1
-    _worker_grader = Grader(Project.load(Path(project_root)), slot=slot, require_sandbox=require_sandbox)
+    try:
+        _worker_grader = Grader(Project.load(Path(project_root)), slot=slot, require_sandbox=require_sandbox)
+    except GradelabError as exc:  # raised by the first grading, with its message (a failing initializer
+        _worker_grader = exc      # only breaks the pool: "the grading worker died")
 
 
 def _grade_in_worker(path: str, student_id: str, out_dir: str) -> str:
+    if isinstance(_worker_grader, GradelabError):
+        raise _worker_grader
     return _worker_grader.grade(Path(path), student_id, out_dir=Path(out_dir)).model_dump_json()
 
 
@@ -95,9 +104,11 @@ def grade_batch(source: Path, out_dir: Path, *, project: Path, workers: int | No
         from gradelab.sandbox import probe_layers  # no torch import: safe before forking workers
 
         if missing := [f"{n} ({s})" for n, s in probe_layers().items() if s != "available"]:
-            raise SystemExit(f"--require-sandbox: isolation layers not available here: {'; '.join(missing)}")
+            raise RefusedError(f"--require-sandbox: isolation layers not available here: {'; '.join(missing)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     collected = collect(Path(source), out_dir / ".collected", notebook_name=config.assignment.notebook)
+    if not collected.submissions:
+        raise _nothing_to_grade(Path(source), collected)
     summary = BatchSummary(out_dir=out_dir, collected=collected)
     with Gradebook(out_dir / GRADEBOOK_FILE) as gradebook:
         todo = []
@@ -118,6 +129,15 @@ def grade_batch(source: Path, out_dir: Path, *, project: Path, workers: int | No
     (out_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2), encoding="utf-8")
     print_summary(summary, console)
     return summary
+
+
+def _nothing_to_grade(source: Path, collected: CollectReport) -> NothingToGrade:
+    skipped = collected.skipped
+    if not skipped:
+        return NothingToGrade(f"{source}: no notebook to grade (it is empty)")
+    found = "; ".join(f"{name}: {reason}" for name, reason in skipped[:SKIPPED_SHOWN])
+    more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+    return NothingToGrade(f"{source}: no notebook to grade; found {found}{more}")
 
 
 def _late_info(sub: SubmissionFile, config, max_score: float):

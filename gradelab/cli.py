@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+
+from gradelab.errors import GradelabError
 
 # nbformat imports jsonschema, which loads rfc3987_syntax when installed (the Jupyter stack installs
 # it) just to check the "iri" string format, which no notebook schema uses; that module builds a
@@ -20,7 +23,19 @@ PROJECT_OPTION = click.option("--project", type=click.Path(file_okay=False, path
                               show_default=True, help="The assignment repository (holds grading_config.yml).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Every command's GradelabError ends here: one `error:` line, and the error's exit code
+    (the table in gradelab/errors.py)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GradelabError as exc:
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """gradelab: release, grade, report and export an auto-graded PyTorch assignment.
 
@@ -28,7 +43,8 @@ def main() -> None:
     Instructor workflow:  gradelab release → hand out release/ → gradelab grade SUBMISSIONS --out DIR
                           → gradelab report/export --from DIR
     Student workflow:     open the release notebook in JupyterLab → check("q1_2") cells
-                          → gradelab validate NOTEBOOK → submit
+                          → python public_checks.py NOTEBOOK (public checks) → submit
+    `gradelab validate NOTEBOOK` is the instructors' check: the hidden tests, as graded.
     """
 
 
@@ -36,13 +52,9 @@ def main() -> None:
 @PROJECT_OPTION
 def release(project: Path) -> None:
     """Make release/, solutions/ and autograder/ from source/ (byte-identical on every run)."""
-    from gradelab.release import ReleaseError, release as do_release
+    from gradelab.release import release as do_release
 
-    try:
-        report = do_release(project)
-    except ReleaseError as exc:
-        console.print(f"[bold red]release stopped:[/] {exc}")
-        sys.exit(1)
+    report = do_release(project)
     console.print(f"[green]released[/] {len(report.files)} files in {report.seconds:.1f} s")
 
 
@@ -72,14 +84,8 @@ def validate(notebook: Path, project: Path, require_sandbox: bool) -> None:
     fails, so it works as a pre-submit check and in CI.
     """
     from gradelab.grading import Grader, Project
-    from gradelab.sandbox import SandboxError
 
-    try:
-        grader = Grader(Project.load(project), require_sandbox=require_sandbox)
-    except SandboxError as exc:
-        console.print(f"[bold red]refused:[/] {exc}")
-        sys.exit(2)
-    with grader:
+    with Grader(Project.load(project), require_sandbox=require_sandbox) as grader:
         result = grader.grade(notebook, notebook.stem)
     _print_result(result)
     auto_max = sum(q.points for q in grader.config.questions)
@@ -94,7 +100,8 @@ def validate(notebook: Path, project: Path, require_sandbox: bool) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: <student>/results.json, gradebook.sqlite, summary.")
 @PROJECT_OPTION
-@click.option("--workers", type=int, default=None, help="Parallel workers (default: one per core).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Parallel workers, at least 1 (default: one per core).")
 @click.option("--student", "only", multiple=True, help="Regrade only this student id (repeatable).")
 @click.option("--force", is_flag=True, help="Regrade even when the submission did not change.")
 @click.option("--require-sandbox", is_flag=True, help="Refuse to grade unless every isolation layer is available.")
@@ -165,7 +172,7 @@ def export(results_dir: Path, target: str, out: Path, roster: Path | None, proje
 @main.command()
 @PROJECT_OPTION
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out"),
-              show_default=True)
+              show_default=True, help="Folder for everything the demo writes.")
 def demo(project: Path, out_dir: Path) -> None:
     """The main job on the bundled example batch: release → grade → export → report."""
     from gradelab.batch import grade_batch
@@ -188,20 +195,23 @@ def demo(project: Path, out_dir: Path) -> None:
 
 
 @main.command()
-@click.option("--project", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--notebook", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), required=True)
-def gradescope(project: Path, notebook: Path, results: Path) -> None:
-    """Grade one notebook and write Gradescope's results.json (used by run_autograder)."""
-    import json
+@click.option("--project", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The assignment project inside the bundle (/autograder/source/gradelab).")
+@click.option("--submission", type=click.Path(path_type=Path), required=True,
+              help="Gradescope's submission folder (/autograder/submission), or one notebook.")
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write results.json (/autograder/results/results.json).")
+def gradescope(project: Path, submission: Path, results: Path) -> None:
+    """Grade a Gradescope submission and write its results.json (the bundle's run_autograder calls this).
 
-    from gradelab.grading import Grader, Project
+    Any failure to grade (no notebook, several, a broken file, the grader's own error) still
+    writes a results.json: a score of 0 and a message that says why.
+    """
+    from gradelab.gradescope import grade_for_gradescope, write_results
 
-    with Grader(Project.load(project)) as grader:
-        result = grader.grade(notebook, notebook.stem)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(result.to_gradescope(), indent=2), encoding="utf-8")
-    console.print(f"{result.student_id}: {result.score:g} / {result.max_score:g} → {results}")
+    document = grade_for_gradescope(project, submission)
+    write_results(document, results)
+    console.print(f"score {document['score']:g} → {results}" + (f"\n{document['output']}" if document["output"] else ""))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat, ValidationError,
+                      field_validator, model_validator)
 
-from gradelab.exports import LmsSettings
-from gradelab.late import LatePolicy
-from gradelab.models import QuestionKind
+from gradelab.errors import GradelabError
+from gradelab.models import QuestionKind, Visibility
 
 QUESTION_ID = re.compile(r"^q(\d+|b)_\d+$")
 QUESTION_OF_GRADE_ID = re.compile(r"^(q(?:\d+|b)_\d+)_")
@@ -24,8 +25,8 @@ def question_of(grade_id: str) -> str | None:
     return match.group(1) if match else None
 
 
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the file and the field."""
+class ConfigError(GradelabError, ValueError):
+    """The configuration is missing or invalid; the message names the file and the field."""
 
 
 class AssignmentInfo(BaseModel):
@@ -50,6 +51,44 @@ class Limits(BaseModel):
 
 class PlotSettings(BaseModel):
     image_tolerance: float = 12.0
+
+
+def _not_a_number(value: object) -> object:
+    # pydantic would read a number (or "3") as a Unix time; here a number means extra days.
+    try:
+        float(str(value))
+    except (TypeError, ValueError):
+        return value
+    raise ValueError("a date is expected here, not a number")
+
+
+DueDate = Annotated[datetime, BeforeValidator(_not_a_number)]
+
+
+class LatePolicy(BaseModel):
+    """The course's late rules. Unknown or out-of-range fields are rejected by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    due: DueDate | None = None
+    grace_minutes: float = Field(0, ge=0)
+    penalty: Literal["none", "per_day", "zero"] = "none"
+    per_day_fraction: float = Field(0.1, ge=0, le=1)  # of the max score, per started day after grace
+    max_days: int | None = Field(None, ge=0)  # later than this many days: the score goes to zero
+    # student id -> a new due date, or extra days on top of `due`
+    extensions: dict[str, DueDate | NonNegativeFloat] = Field(default_factory=dict)
+
+
+class LmsSettings(BaseModel):
+    """How the assignment is called in the LMS."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    assignment_title: str = Field(min_length=1)
+    canvas_assignment_id: int | None = None
+    moodle_identifier: Literal["email", "id_number"] = "email"
+    blackboard_column: str | None = None  # default: the title (a new column)
+    points_possible: float | None = Field(None, gt=0)
 
 
 class Question(BaseModel):
@@ -83,6 +122,15 @@ class Question(BaseModel):
         return self.points + self.manual_points
 
 
+class GradescopeSettings(BaseModel):
+    """When students see each hidden test's entry on Gradescope (its results.json `visibility`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    test_visibility: Visibility = "visible"
+    question_visibility: dict[str, Visibility] = Field(default_factory=dict)  # question id -> visibility
+
+
 class GradingConfig(BaseModel):
     assignment: AssignmentInfo
     limits: Limits = Field(default_factory=Limits)
@@ -94,6 +142,7 @@ class GradingConfig(BaseModel):
     # grade_ids of locked demonstration cells the grader does not run: their work is redone by the
     # hidden tests (e.g. training the student's XOR model), so running them only costs time.
     skip_when_grading: list[str] = Field(default_factory=list)
+    gradescope: GradescopeSettings = Field(default_factory=GradescopeSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +163,12 @@ class GradingConfig(BaseModel):
             seen.add(q.id)
         return self
 
+    @model_validator(mode="after")
+    def _visibility_of_known_questions(self) -> "GradingConfig":
+        if unknown := sorted(set(self.gradescope.question_visibility) - {q.id for q in self.questions}):
+            raise ValueError(f"gradescope.question_visibility names questions that are not listed: {', '.join(unknown)}")
+        return self
+
     def question(self, question_id: str) -> Question:
         for q in self.questions:
             if q.id == question_id:
@@ -127,8 +182,12 @@ class GradingConfig(BaseModel):
 
 
 def load_config(path: Path) -> GradingConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; --project must name the assignment repository, "
+                          f"the folder that holds {CONFIG_FILE}")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
     try:

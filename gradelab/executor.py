@@ -130,9 +130,11 @@ class NotebookRunner:
         self.cell_timeout = cell_timeout
         self.output_limit = output_limit
         self.figures: list[dict] = []
+        self.sources: dict[int, str] = {}  # by cell index, for redrawing a cell's random values
 
     def run_cell(self, index: int, source: str) -> dict:
         """Run one cell; return its outcome (status ok/error/timeout/refused, output, error)."""
+        self.sources[index] = source
         seed_everything(self.seed + index)
         out = _CappedText(self.output_limit)
         started = time.perf_counter()
@@ -188,10 +190,30 @@ class _Missing(Exception):
     pass
 
 
+class _NotCallable(Exception):
+    """A graded name that should be a function or class holds something else."""
+
+
 def _lookup(ns: dict, name: str) -> Any:
     if name not in ns:
         raise _Missing(name)
     return ns[name]
+
+
+def _lookup_callable(ns: dict, name: str) -> Any:
+    value = _lookup(ns, name)
+    if not callable(value):
+        raise _NotCallable(f"`{name}` should be a function or a class, but it is {wire.describe_value(value)}")
+    return value
+
+
+def _safe_error_info(exc: BaseException) -> dict:
+    """`_error_info`, also for an exception whose message or traceback the student made unreadable."""
+    try:
+        return _error_info(exc)
+    except BaseException:  # noqa: BLE001 - e.g. a __str__ that raises
+        return {"type": "Exception", "message": "(an exception whose message cannot be read)",
+                "traceback": "", "not_answered": False}
 
 
 def _call_with_activation_fallback(fn, args: list, kwargs: dict):
@@ -237,15 +259,15 @@ class RpcServer:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                 value = handler(request)
             # How long the student's code ran: the supervisor reports grading time without it.
-            reply = {"ok": True, "value": value, "seconds": time.perf_counter() - started}
-            wire.encode(reply)  # fail here, with a message, rather than half-way through sending
-            return reply
+            wire.encode(value)  # fail here, with a message, rather than half-way through sending
+            return {"ok": True, "value": value, "seconds": time.perf_counter() - started}
         except _Missing as exc:
             return {"ok": False, "error": {"type": "Missing", "message": str(exc), "missing": True}}
-        except wire.WireError as exc:
-            return {"ok": False, "error": {"type": "WireError", "message": str(exc)}}
-        except Exception as exc:
-            return {"ok": False, "error": _error_info(exc)}
+        except (wire.WireError, _NotCallable) as exc:
+            return {"ok": False, "error": {"type": type(exc).__name__, "message": str(exc)}}
+        except BaseException as exc:  # noqa: BLE001 - SystemExit, KeyboardInterrupt: the call fails, not the process
+            # (Call deadlines are the trusted side's receive timeouts, never an exception raised here.)
+            return {"ok": False, "error": _safe_error_info(exc)}
 
     def _args(self, request: dict) -> tuple[list, dict]:
         args = [resolve_torch_arg(a) for a in request.get("args", [])]
@@ -270,13 +292,13 @@ class RpcServer:
         return _plain(_lookup(self.ns, request["name"]))
 
     def op_call(self, request: dict) -> Any:
-        fn = _lookup(self.ns, request["name"])
+        fn = _lookup_callable(self.ns, request["name"])
         args, kwargs = self._args(request)
         return _plain(_call_with_activation_fallback(fn, args, kwargs))
 
     def op_call_grad(self, request: dict) -> dict:
         """Call fn(x) with x tracking gradients; return the value and d(sum of value)/dx."""
-        fn = _lookup(self.ns, request["name"])
+        fn = _lookup_callable(self.ns, request["name"])
         x = resolve_torch_arg(request["args"][0]).clone().requires_grad_(True)
         y = fn(x)
         if not isinstance(y, torch.Tensor):
@@ -292,7 +314,7 @@ class RpcServer:
 
     def op_module(self, request: dict) -> dict:
         """Call a function that returns a model; describe the model (architecture + parameters)."""
-        fn = _lookup(self.ns, request["name"])
+        fn = _lookup_callable(self.ns, request["name"])
         args, kwargs = self._args(request)
         model = _call_with_activation_fallback(fn, args, kwargs)
         return describe_module(model, resolve_torch_arg(request.get("probe")))
@@ -300,7 +322,7 @@ class RpcServer:
     def op_module_draws(self, request: dict) -> list[list[torch.Tensor]]:
         """Call a model-building function once per seed (torch seeded with it); return each
         model's parameters. One round trip for the many draws a distribution is judged on."""
-        fn = _lookup(self.ns, request["name"])
+        fn = _lookup_callable(self.ns, request["name"])
         args, kwargs = self._args(request)
         draws = []
         for seed in request["seeds"][:MAX_DRAWS]:
@@ -308,14 +330,37 @@ class RpcServer:
             draws.append(describe_module(_call_with_activation_fallback(fn, args, kwargs), None)["state"])
         return draws
 
+    def op_redraw(self, request: dict) -> list[list[Any]]:
+        """Run a notebook cell again once per seed (torch seeded with it), each time in a shallow
+        copy of the namespace, and return the values of the requested names after each run: more
+        draws of values that a cell makes at random. The notebook's own variables keep their values
+        (and stay consistent with each other, e.g. c computed from the original A and b)."""
+        index = int(request["cell"])
+        if index not in self.runner.sources:
+            raise ValueError(f"cell {index} was not run")
+        code = compile(self.runner.shell.transform_cell(self.runner.sources[index]), f"<redrawn cell {index}>", "exec")
+        draws = []
+        for seed in request["seeds"][:MAX_DRAWS]:
+            seed_everything(int(seed))
+            namespace = dict(self.ns)
+            exec(code, namespace)  # noqa: S102 - the student's own cell, inside the sandbox
+            draws.append([_plain(_lookup(namespace, name)) for name in request["names"]])
+        return draws
+
     def op_apply(self, request: dict) -> dict:
         """Build a standard model from a spec, apply the student's callable (class instance, or
         function of the model), and describe the result."""
         model = build_standard(request["spec"], request.get("state"))
-        target = _lookup(self.ns, request["name"])
+        target = _lookup_callable(self.ns, request["name"])
         args, kwargs = self._args(request)
         if request.get("mode") == "apply":  # model.apply(Target(*args))
-            model.apply(target(*args, **kwargs))
+            visit = target(*args, **kwargs)
+            if not callable(visit):
+                called = f"{request['name']}({', '.join(repr(a) for a in args)[:100]})"
+                raise _NotCallable(f"`{called}` gave {wire.describe_value(visit)}, which model.apply() cannot call "
+                                   f"on each module: it should be a class whose instances are called with a "
+                                   f"module (a __call__(self, module) method)")
+            model.apply(visit)
         else:  # target(model, *args)
             returned = target(model, *args, **kwargs)
             if isinstance(returned, nn.Module):
@@ -325,7 +370,7 @@ class RpcServer:
     def op_call_on_model(self, request: dict) -> Any:
         """Call fn(model, *args) on a standard model built from a spec; return the plain result."""
         model = build_standard(request["spec"], request.get("state"))
-        fn = _lookup(self.ns, request["name"])
+        fn = _lookup_callable(self.ns, request["name"])
         args, kwargs = self._args(request)
         return _plain(fn(model, *args, **kwargs))
 

@@ -30,12 +30,11 @@ from pathlib import Path
 import nbformat
 import torch
 
-from gradelab import executor, sandbox, testing, wire
+from gradelab import environment, executor, sandbox, testing, wire
 from gradelab.config import CONFIG_FILE, GradingConfig, load_config, question_of
 from gradelab.models import FigureSummary, QuestionScore, SubmissionResult, TestOutcome
 from gradelab.notebook import BrokenNotebook, Submission, load_submission
 
-MAX_RESTARTS = 3
 REFERENCE_MODULE = "reference_solutions"
 
 
@@ -87,6 +86,8 @@ class Execution:
     skipped: set[int] = field(default_factory=set)
     restarts: int = 0
     call_seconds: float = 0.0  # in the student's functions, called by the hidden tests
+    cell_timeouts: int = 0  # cells stopped at the cell time limit, in every run of the notebook
+    call_timeouts: int = 0  # calls from the hidden tests stopped at the call time limit
     artifacts: dict[str, bytes] = field(default_factory=dict)  # figures the hidden tests attached
 
     @property
@@ -112,6 +113,9 @@ class Grader:
         self.config = project.config
         self.slot = slot
         self.require_sandbox = require_sandbox
+        # Before anything else: a Python the sandbox cannot read fails every cell, not a student.
+        environment.check(hide=project.secret_paths(), slot=slot)
+        self.python_trees = environment.python_trees()
         self.limits = sandbox.Limits(
             memory_mb=self.config.limits.memory_mb, pids=self.config.limits.processes,
             open_files=self.config.limits.open_files, file_size_mb=self.config.limits.file_size_mb,
@@ -164,14 +168,17 @@ class Grader:
             if out_dir:
                 write_result(out_dir / student_id, result)
             return result
-        submission.private_paths = _private_paths(path, out_dir)
+        submission.private_paths = _private_paths(path, out_dir, self.python_trees)
         seed = submission_seed(self.config.assignment.seed, content_hash)
         try:
             outcomes, execution, messages = self._grade_executed(submission, seed)
+            self._confirm_imports(execution, submission)
             status = "graded"
         except SubmissionTimeout as exc:
             outcomes, execution, messages = exc.outcomes, exc.execution, [str(exc)]
             status = "timeout"
+        except environment.HiddenPythonError:  # the machine's fault, not this submission's: stop
+            raise
         except Exception as exc:  # the grader's own fault: report it, and let the batch go on
             outcomes, execution = [], Execution()
             messages = [f"The grader failed on this submission ({type(exc).__name__}: {exc}); "
@@ -184,7 +191,8 @@ class Grader:
             status=status, tests=outcomes, questions=self._question_scores(outcomes),
             messages=messages, sandbox_layers=dict(self.layers), answers=_answers_by_question(submission),
             execution_time=round(execution.student_seconds, 3), figure_time=round(execution.figure_seconds, 3),
-            test_time=round(max(0.0, sum(o.duration for o in outcomes) - execution.call_seconds), 3), **base)
+            test_time=round(max(0.0, sum(o.duration for o in outcomes) - execution.call_seconds), 3),
+            cell_timeouts=execution.cell_timeouts, call_timeouts=execution.call_timeouts, **base)
         result.score = round(sum(q.score for q in result.questions), 4)
         student_dir = out_dir / student_id if out_dir else None
         result.figures = _save_figures(execution.figures, student_dir)
@@ -196,6 +204,34 @@ class Grader:
         if student_dir:
             write_result(student_dir, result)
         return result
+
+    def _confirm_imports(self, execution: Execution, submission: Submission) -> None:
+        """Raise HiddenPythonError if cells failed to import what this process finds in Python's own
+        trees and a clean sandbox (no student code) cannot import it either."""
+        modules, files = environment.import_failures(list(execution.cells.values()), self.python_trees)
+        if not modules and not files:
+            return
+        _reap_sandboxes(self._dying)  # the probe reuses the slot's cgroup names
+        report_read, report_write = os.pipe()
+        try:
+            box = sandbox.Sandbox.spawn(environment.probe_target(modules, files, report_write), limits=self.limits,
+                                        slot=self.slot, keep_fds=[report_write],
+                                        hide=self.project.secret_paths() + submission.private_paths)
+            os.close(report_write)
+            report_write = -1
+            # A probe that hangs or dies proves nothing either way: grading goes on.
+            finished = box.wait(timeout=60) == 0
+            box.cleanup()
+            failures = os.read(report_read, 8192).decode(errors="replace") if finished else ""
+        finally:
+            os.close(report_read)
+            if report_write >= 0:
+                os.close(report_write)
+        if failures:
+            raise environment.HiddenPythonError(
+                f"notebooks cannot be graded here: a clean sandbox cannot load what this Python loads "
+                f"({'; '.join(failures.splitlines())}). Python's files must be readable by the sandbox's "
+                f"unprivileged user and lie outside /tmp, /dev/shm, /run and the assignment's hidden folders")
 
     # -------------------------------------------------------------- sandbox
 
@@ -231,10 +267,8 @@ class Grader:
             ctl.close()
             if stop is None:
                 return box, rpc
+            execution.cell_timeouts += stop.status == "timeout"
             box.kill()
-            if box.oom_killed:
-                stop = _Stop(stop.cell, "crashed", stop.seconds, f"the process ran out of memory "
-                                                   f"(limit {self.config.limits.memory_mb} MB)")
             layers = box.layers
             box.cleanup()
             rpc.close()
@@ -243,7 +277,9 @@ class Grader:
             # The cell's own clock died with the process: the supervisor's stands in for it.
             execution.cells[stop.cell] = {"index": stop.cell, "status": stop.status, "seconds": stop.seconds,
                                           "error": {"type": "Killed", "message": stop.why}}
-            if execution.restarts >= MAX_RESTARTS or time.monotonic() > deadline:
+            # Each run skips one more of the notebook's cells, so this ends; a stop in a cell that
+            # was not run can only be a forged progress message.
+            if stop.cell not in dict(cells) or time.monotonic() > deadline:
                 raise SubmissionTimeout("the notebook could not be run to the end", [], execution)
             execution.skipped.add(stop.cell)
             execution.restarts += 1
@@ -265,13 +301,14 @@ class Grader:
                 limit = self.config.limits.cell_timeout
                 return stop("timeout", f"the cell ran longer than {limit:g} s and was stopped")
             except (EOFError, OSError, wire.WireError):
-                return stop("crashed", _death(box.wait(timeout=1.0)))
+                return stop("crashed", f"the process ended during this cell ({self._death_cause(box)})")
             event = message.get("event") if isinstance(message, dict) else None
             if event == "cell_start":
                 current, cell_started = int(message["index"]), time.monotonic()
                 cell_deadline = time.monotonic() + self.config.limits.cell_timeout + 5
             elif event == "cell_end":
                 execution.cells[int(message["index"])] = message
+                execution.cell_timeouts += message.get("status") == "timeout"
                 current = -1
                 cell_deadline = time.monotonic() + 30
             elif event == "ready":
@@ -297,24 +334,25 @@ class Grader:
             messages = []
         boxes = [box] if box else []
         try:
-            outcomes = self._run_tests(rpc, seed, execution, deadline, boxes, submission)
+            outcomes = self._run_tests(rpc, seed, execution, deadline, boxes, submission,
+                                       lost=messages[0] if messages else None)
         finally:
             self._retire(boxes)
             if rpc is not None:
                 rpc.close()
         return outcomes, execution, messages
 
-    def _run_tests(self, rpc, seed, execution, deadline, boxes, submission) -> list[TestOutcome]:
+    def _run_tests(self, rpc, seed, execution, deadline, boxes, submission, lost=None) -> list[TestOutcome]:
         control_parent, control_runner = socket.socketpair()
         dead_end = None
-        if rpc is None:  # no sandbox: every call fails at once with "not answered"
+        if rpc is None:  # no sandbox: every request fails at once with `lost`
             rpc, dead = socket.socketpair()
             dead.close()
             dead_end = rpc
         grade_ids = {c.index: c.grade_id for c in submission.cells}
         cells = [{**cell, "grade_id": grade_ids.get(index)} for index, cell in sorted(execution.cells.items())]
         payload = {"seed": seed, "cells": cells, "figures": execution.figures,
-                   "call_timeout": self.config.limits.test_timeout}
+                   "call_timeout": self.config.limits.test_timeout, "sandbox_lost": lost}
         try:
             runner = self.runners.start(payload, rpc, control_runner)
         finally:
@@ -347,8 +385,12 @@ class Grader:
                     verdicts[(outcome.question, outcome.name)] = outcome
                 elif op == "restart":
                     self._restart_for_runner(control_parent, submission, seed, execution, deadline, boxes)
+                elif op == "death":  # the sandbox stopped answering: say how it ended
+                    wire.send_msg(control_parent, {"why": self._death_cause(boxes[-1]) if boxes else
+                                                   "no exit status known"})
                 elif op == "done":
                     execution.call_seconds = float(message.get("student_seconds", 0.0))
+                    execution.call_timeouts = int(message.get("call_timeouts", 0))
                     execution.artifacts = {k: v for k, v in message.get("artifacts", {}).items()
                                            if testing.ARTIFACT_NAME.match(k) and isinstance(v, bytes)}
                     return _merge(collected, verdicts)
@@ -365,19 +407,34 @@ class Grader:
         self._dying.extend(boxes)
         boxes.clear()
 
+    def _death_cause(self, box: sandbox.Sandbox) -> str:
+        """How a sandbox that stopped talking ended: "exit status 0", "killed by SIGSEGV", "out of
+        memory, limit 2048 MB", or, when it is still running, "it closed its connection"."""
+        status = box.wait(timeout=1.0)
+        if box.oom_killed:
+            return f"out of memory, limit {self.config.limits.memory_mb} MB"
+        if status is None:
+            return "it closed its connection"
+        if status < 0:
+            known = -status in signal.Signals._value2member_map_
+            return f"killed by {signal.Signals(-status).name if known else f'signal {-status}'}"
+        return f"exit status {status}"
+
     def _restart_for_runner(self, control, submission, seed, execution, deadline, boxes) -> None:
+        # No count limit: the runner asks again only after a request whose name it then remembers
+        # (testing.StudentProxy), and the submission's deadline bounds the time.
         self._retire(boxes)
-        if execution.restarts >= MAX_RESTARTS:
-            wire.send_msg(control, {"ok": False, "message": "the student's process was restarted too often"})
-            return
         execution.restarts += 1
+        # Execution is deterministic: a cell that timed out would time out again.
+        timed_out = {i for i, cell in execution.cells.items() if cell.get("status") == "timeout"}
+        rerun = Execution(skipped=execution.skipped | timed_out)
         try:
-            # Execution is deterministic: a cell that timed out would time out again.
-            timed_out = {i for i, cell in execution.cells.items() if cell.get("status") == "timeout"}
-            box, rpc = self._execute(submission, seed, Execution(skipped=execution.skipped | timed_out), deadline)
+            box, rpc = self._execute(submission, seed, rerun, deadline)
         except SubmissionTimeout:
             wire.send_msg(control, {"ok": False, "message": "the notebook could not be run again"})
             return
+        finally:
+            execution.cell_timeouts += rerun.cell_timeouts
         boxes.append(box)
         wire.send_msg(control, {"ok": True})
         socket.send_fds(control, [b"f"], [rpc.fileno()])
@@ -494,10 +551,9 @@ def _merge(collected: list[TestOutcome], verdicts: dict[tuple[str, str], TestOut
     return [verdicts.get((t.question, t.name), t) for t in collected]
 
 
-def _private_paths(path: Path, out_dir: Path | None) -> list[Path]:
+def _private_paths(path: Path, out_dir: Path | None, needed: list[Path]) -> list[Path]:
     """The submission's folder (other students' notebooks) and the output folder (their results),
-    unless hiding one would hide Python or gradelab itself, or is a system folder."""
-    needed = [Path(sys.prefix).resolve(), Path(__file__).resolve().parent]
+    unless hiding one would hide `needed` (Python, its packages, gradelab), or is a system folder."""
     candidates = {path.resolve().parent, *([out_dir.resolve()] if out_dir else [])}
     return sorted(p for p in candidates if p.exists() and p not in (Path("/"), Path("/tmp"))
                   and not any(n.is_relative_to(p) for n in needed))
@@ -555,17 +611,6 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
-
-
-def _death(status: int | None) -> str:
-    if status is None:
-        return "the process stopped responding"
-    if status == 70:
-        return "the process exited during this cell"
-    if status < 0:
-        name = signal.Signals(-status).name if -status in signal.Signals._value2member_map_ else str(-status)
-        return f"the process was killed ({name})"
-    return f"the process exited (status {status}) in this cell"
 
 
 def _execution_messages(execution: Execution) -> list[str]:

@@ -93,6 +93,11 @@ class SubmissionResult(BaseModel):
     figure_time: float = 0.0  # of execution_time: rendering the student's figures, as Jupyter does in the cell
     test_time: float = 0.0  # seconds of the hidden tests' own work (e.g. training rebuilt models)
     grading_time: float = 0.0  # wall time of the whole grading; the engine's overhead is the rest
+    # How often grading waited for a time limit: cells stopped at limits.cell_timeout, calls from the
+    # hidden tests at limits.test_timeout. A hang costs its wait once: a cell that timed out is not
+    # run again, a function that hung is not called again.
+    cell_timeouts: int = 0
+    call_timeouts: int = 0
     late: LateInfo | None = None
     figures: list[FigureSummary] = Field(default_factory=list)
     # Free-text answers of manually graded questions (question id -> text), for the review pages.

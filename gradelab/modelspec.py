@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradelab.wire import describe_value
+
 # Layers a rebuilt model may contain, with the constructor arguments that define them.
 ACTIVATIONS: dict[str, tuple[str, ...]] = {
     "Sigmoid": (),
@@ -54,7 +56,7 @@ def _layer_spec(module: nn.Module) -> dict:
 def describe_module(model: Any, probe: torch.Tensor | None) -> dict:
     """Sandbox side: architecture, parameters and the model's own output on `probe`."""
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise ModelSpecError(f"expected a torch.nn.Module, got {describe_value(model)}")
     # remove_duplicate=False: one activation instance reused between layers must appear each time.
     leaves = [m for _, m in model.named_modules(remove_duplicate=False) if not list(m.children())]
     layers = [_layer_spec(m) for m in leaves]
@@ -67,8 +69,12 @@ def describe_module(model: Any, probe: torch.Tensor | None) -> dict:
     described: dict[str, Any] = {"layers": layers, "state": state, "class": type(model).__name__,
                                  "dtype": str(state[0].dtype).removeprefix("torch.") if state else "float32"}
     if probe is not None:
-        with torch.no_grad():
-            out = model(probe.to(state[0].dtype) if state else probe)
+        try:
+            with torch.no_grad():
+                out = model(probe.to(state[0].dtype) if state else probe)
+        except Exception as exc:  # the student's forward: say what it was given
+            raise ModelSpecError(f"the model fails on an input batch of shape {tuple(probe.shape)}: "
+                                 f"{type(exc).__name__}: {exc}"[:1000]) from None
         if not isinstance(out, torch.Tensor):
             raise ModelSpecError(f"the model's forward() returned a {type(out).__name__}, not a tensor")
         described["probe_output"] = out.detach()
@@ -90,7 +96,7 @@ def build_standard(layers: list[dict], state: list[torch.Tensor] | None = None) 
             modules.append(nn.Linear(n_in, n_out, bias=bias))
         elif kind in ACTIVATIONS:
             args = spec.get("args") or {}
-            if set(args) - set(ACTIVATIONS[kind]) or not all(
+            if not isinstance(args, dict) or set(args) - set(ACTIVATIONS[kind]) or not all(
                     type(v) in (int, float, bool, str) for v in args.values()):
                 raise ModelSpecError(f"invalid arguments for {kind}: {args!r}")
             modules.append(getattr(nn, kind)(**args))
@@ -104,6 +110,8 @@ def build_standard(layers: list[dict], state: list[torch.Tensor] | None = None) 
 
 def load_state(model: nn.Sequential, state: list[torch.Tensor]) -> None:
     params = [p for m in model if isinstance(m, nn.Linear) for p in m.parameters()]
+    if type(state) is not list or not all(type(t) is torch.Tensor and t.is_floating_point() for t in state):
+        raise ModelSpecError("the model's parameters are not all floating-point tensors")
     if len(params) != len(state):
         raise ModelSpecError(f"the model has {len(params)} parameter tensors but {len(state)} were sent")
     dtype = state[0].dtype if state else torch.float32
@@ -123,9 +131,13 @@ def rebuild(described: dict, probe: torch.Tensor | None = None, *, atol: float =
     model = build_standard(described.get("layers"), described.get("state"))
     if probe is not None:
         expected = described.get("probe_output")
-        with torch.no_grad():
-            got = model(probe.to(next(model.parameters()).dtype))
-        if type(expected) is not torch.Tensor or expected.shape != got.shape or not torch.allclose(
+        params = list(model.parameters())
+        try:
+            with torch.no_grad():
+                got = model(probe.to(params[0].dtype if params else probe.dtype))
+        except RuntimeError:  # e.g. Linear layers whose sizes do not chain: a forward of its own ran them
+            got = None
+        if got is None or type(expected) is not torch.Tensor or expected.shape != got.shape or not torch.allclose(
                 expected.to(got.dtype), got, atol=atol, rtol=1e-4, equal_nan=True):
             raise ModelSpecError(
                 "the model's forward() does not compute its layers in order (a custom forward, a "

@@ -22,7 +22,7 @@ import math
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -401,20 +401,6 @@ class PlotVerdict(BaseModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
-class ReferenceBand(BaseModel):
-    """Where the log10 first/last-layer gradient ratio of correct models falls (see reference_band)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    description: str
-    seeds: list[int]
-    quantiles: Pair
-    log10_ratio_low: float
-    log10_ratio_median: float
-    log10_ratio_high: float
-    layer_magnitudes: list[float]
-
-
 def figures_in_cell(figures: Sequence[FigureData], cell: int) -> list[FigureData]:
     return [f for f in figures if f.cell == cell]
 
@@ -449,6 +435,11 @@ def _magnitude(values: np.ndarray) -> float:
     return float(np.max(np.abs(values)))
 
 
+# Added to a layer's tolerance so that a layer whose gradients are all zero (a dead ReLU layer)
+# still matches a violin of zeros; far below any gradient magnitude that matters here.
+ZERO_GRADIENT_SLACK = 1e-12
+
+
 def violin_spreads(fig: FigureData) -> list[float]:
     """Per-violin gradient magnitude, ordered by position: the largest absolute value shown.
 
@@ -457,67 +448,6 @@ def violin_spreads(fig: FigureData) -> list[float]:
     """
     return [_magnitude(v.data) if v.data is not None else max(abs(v.value_min), abs(v.value_max))
             for v in _ordered_violins(fig)]
-
-
-# A layer whose gradients are all zero (e.g. a dead ReLU layer) would divide by zero; 1e-12 is far
-# below any gradient magnitude that matters here, so it changes no other ratio visibly.
-RATIO_EPSILON = 1e-12
-
-
-def gradient_ratio(spreads: Sequence[float]) -> float:
-    """First-layer over last-layer gradient magnitude, each plus RATIO_EPSILON."""
-    if len(spreads) < 2:
-        raise ValueError(f"a first/last ratio needs at least two layers, got {len(spreads)}")
-    return (spreads[0] + RATIO_EPSILON) / (spreads[-1] + RATIO_EPSILON)
-
-
-def reference_band(build: Callable[[Any], Any], activation: Any, *, seeds: range,
-                   quantiles: tuple[float, float] = (0.02, 0.98), description: str | None = None) -> dict:
-    """The band of log10(first/last gradient magnitude) over reference models, as JSON-ready data.
-
-    For each seed: build a model with torch seeded to it, then one pass of
-    vanishing_helpers.gradient_data with that seed. Used at release time; `quantiles` decide how
-    many correct models the band leaves out (2 x 2% with the default).
-    """
-    # Imported here: torch is only needed at release time, and vanishing_helpers is the
-    # assignment's module, importable when the assignment directory is on sys.path (as it is
-    # for the notebook and the hidden tests).
-    import torch
-    from vanishing_helpers import gradient_data
-
-    log_ratios, magnitudes = [], []
-    for seed in seeds:
-        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
-            torch.manual_seed(seed)
-            model = build(activation)
-        layers = [_magnitude(g) for g in gradient_data(model, seed=seed).values()]
-        log_ratios.append(math.log10(gradient_ratio(layers)))
-        magnitudes.append(layers)
-    low, median, high = np.quantile(log_ratios, [quantiles[0], 0.5, quantiles[1]])
-    name = getattr(activation, "__name__", type(activation).__name__)
-    band = ReferenceBand(
-        description=description or f"a {name} network from {getattr(build, '__name__', 'the reference')}",
-        seeds=[seeds.start, seeds.stop, seeds.step], quantiles=list(quantiles),
-        log10_ratio_low=float(low), log10_ratio_median=float(median), log10_ratio_high=float(high),
-        layer_magnitudes=[float(m) for m in np.median(np.array(magnitudes), axis=0)])
-    return band.model_dump()
-
-
-def _factor(log10_ratio: float) -> str:
-    factor = 10 ** abs(log10_ratio)
-    return f"{factor:.3g}" if factor < 1e4 else f"{factor:.1e}"
-
-
-def _direction(log10_ratio: float) -> str:
-    return "smaller" if log10_ratio < 0 else "larger"
-
-
-def _ratio_range(low: float, high: float) -> str:
-    """'between 3 and 800 times smaller' for a band of log10 first/last ratios."""
-    if (low < 0) == (high < 0):
-        near, far = sorted((low, high), key=abs)
-        return f"between {_factor(near)} and {_factor(far)} times {_direction(low)}"
-    return f"between {_factor(low)} times smaller and {_factor(high)} times larger"
 
 
 def _failed(problem: str) -> PlotVerdict:
@@ -531,7 +461,7 @@ def _empty_figure(fig: FigureData, *, what: str, hint: str) -> PlotVerdict:
     return _failed(hint)
 
 
-def check_gradient_plot(fig: FigureData | None, *, expected_violins: int, band: Mapping | None,
+def check_gradient_plot(fig: FigureData | None, *, expected_violins: int,
                         expected_grads: Mapping[str, np.ndarray] | None = None,
                         rtol: float = 0.01) -> PlotVerdict:
     """Judge a gradient violin plot.
@@ -539,8 +469,11 @@ def check_gradient_plot(fig: FigureData | None, *, expected_violins: int, band: 
     Checks, each with its own message: a figure exists; it is a plot, not a pasted image; it has
     `expected_violins` violins; both axes are labelled. When the violin count is right, also: each
     violin shows the matching layer of `expected_grads` (gradients recomputed in T from the
-    student's model, same seed; tolerance `rtol` x the layer's largest |gradient|), and the
-    first/last magnitude ratio lies in `band` (a `reference_band` dict).
+    student's model, same seed; tolerance `rtol` x the layer's largest |gradient|).
+
+    Nothing here is random, so a correct plot always passes. (Whether the gradients themselves look
+    like the reference's is not judged: one model's first/last gradient ratio varies so much from
+    seed to seed that a band wide enough for every correct model lets every wrong one through.)
     """
     if fig is None:
         return _failed("no figure was produced")
@@ -568,14 +501,6 @@ def check_gradient_plot(fig: FigureData | None, *, expected_violins: int, band: 
             problems.append(f"{len(mismatches)} of {len(violins)} violins do not show the gradients of the "
                             f"model your code builds ({'; '.join(m for _, m in mismatches)}); the plot seems "
                             "to be of a different model, or of gradients from a different pass")
-    if band is not None:
-        reference = ReferenceBand.model_validate(band)
-        log_ratio = math.log10(gradient_ratio(spreads))
-        details.update(log10_ratio=log_ratio, band=[reference.log10_ratio_low, reference.log10_ratio_high])
-        if not reference.log10_ratio_low <= log_ratio <= reference.log10_ratio_high:
-            problems.append(f"the first layer's gradients are {_factor(log_ratio)} times {_direction(log_ratio)} "
-                            f"than the last layer's; for {reference.description} the reference gives "
-                            f"{_ratio_range(reference.log10_ratio_low, reference.log10_ratio_high)}")
     return PlotVerdict(ok=not problems, problems=problems, details=details)
 
 
@@ -591,7 +516,7 @@ def _gradient_mismatches(violins: Sequence[ViolinData], expected_grads: Mapping[
     mismatches = []
     for number, (violin, (name, grads)) in enumerate(zip(violins, expected_grads.items()), start=1):
         grads = np.asarray(grads, dtype=np.float64).ravel()
-        tolerance = rtol * _magnitude(grads) + RATIO_EPSILON
+        tolerance = rtol * _magnitude(grads) + ZERO_GRADIENT_SLACK
         if violin.data is not None:
             shown = np.sort(violin.data)
             matches = len(shown) == len(grads) and np.allclose(shown, np.sort(grads), rtol=0, atol=tolerance)
@@ -741,6 +666,8 @@ def compare_images(student_png: bytes, reference_png: bytes, tol: float) -> Imag
             result = mpl_compare_images(str(reference), str(student), tol=0, in_decorator=True)
         except ImageComparisonFailure as exc:  # same size but e.g. only one has transparency
             return ImageComparison(False, math.inf, None, f"the figures cannot be compared pixel by pixel: {exc}")
+        except (OSError, ValueError, SyntaxError) as exc:  # a PNG header on data that does not decode
+            return ImageComparison(False, math.inf, None, f"the figure's image cannot be read: {exc}")
         if result is None:
             return ImageComparison(True, 0.0, None, "")
         rms = float(result["rms"])

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
+from gradelab.errors import GradingEnvironmentError
+
 try:
     import landlock
     from landlock import FSAccess
@@ -105,7 +107,7 @@ class Limits:
     tmpfs_mb: int = 64             # size of the private /tmp (the sandbox's only writable place) and /dev/shm
 
 
-class SandboxError(RuntimeError):
+class SandboxError(GradingEnvironmentError, RuntimeError):
     """The sandbox could not be created, or its cgroups could not be removed."""
 
 

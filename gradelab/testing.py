@@ -16,13 +16,17 @@ is ever called here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import math
 import os
 import re
 import signal
 import socket
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any, Callable
 
 import pytest
@@ -71,19 +75,34 @@ class SandboxLink:
     call_timeout: float
     restarts: int = 0
     student_seconds: float = 0.0  # time the sandbox reports spending in the student's code
+    call_timeouts: int = 0  # requests given up at call_timeout
+    lost: str | None = None  # why there is no sandbox to ask (then every request fails with this)
 
     def restart(self) -> None:
         """Ask the supervisor for a fresh sandbox (it re-executes the notebook) and take its socket."""
-        if self.control is None:
-            raise SandboxLost("the student's process stopped and cannot be restarted")
+        if self.lost is None and self.control is None:
+            self.lost = "the student's process stopped and cannot be restarted"
+        if self.lost is not None:
+            raise SandboxLost(self.lost)
         self.rpc.close()
         wire.send_msg(self.control, {"op": "restart"})
         reply = wire.recv_msg(self.control, timeout=None)
         if not reply.get("ok"):
-            raise SandboxLost(reply.get("message", "the student's process could not be restarted"))
+            self.lost = str(reply.get("message", "the student's process could not be restarted"))
+            raise SandboxLost(self.lost)
         _, fds, _, _ = socket.recv_fds(self.control, 16, 1)
         self.rpc = socket.socket(fileno=fds[0])
         self.restarts += 1
+
+    def death_cause(self) -> str:
+        """How the sandbox that just stopped answering ended, as the supervisor saw it: "exit
+        status 0", "killed by SIGSEGV", "out of memory, limit 2048 MB", ..."""
+        if self.control is None:
+            return "no exit status known"
+        wire.send_msg(self.control, {"op": "death"})
+        reply = wire.recv_msg(self.control, timeout=None)
+        why = reply.get("why") if isinstance(reply, dict) else None
+        return why[:200] if isinstance(why, str) else "no exit status known"
 
 
 class StudentProxy:
@@ -93,38 +112,54 @@ class StudentProxy:
         self._link = link
         self._seed = seed
         self._broken = False  # the current sandbox died or hung; restart before the next request
-        self._timed_out: set[str] = set()  # functions that hung once: not waited for again
+        # Names whose request hung or ended the process: they fail at once in later tests, with no
+        # restart, so a broken function costs only the tests that use it, and restarts stay bounded
+        # by the number of names the hidden tests ask for.
+        self._remembered: dict[str | None, StudentProblem] = {}
 
     def _request(self, op: str, name: str | None = None, *, seed: int | None = None, **fields: Any) -> Any:
-        if name in self._timed_out:
-            raise StudentTimeout(f"`{name}` did not return within {self._link.call_timeout:g} s in an earlier test")
-        if self._broken:
+        if name in self._remembered:
+            raise self._remembered[name]
+        if self._broken or self._link.lost is not None:
             self._link.restart()
             self._broken = False
         message = {"op": op, "seed": self._seed if seed is None else seed, **fields}
         if name is not None:
             message["name"] = name
-        what = f"`{name}`" if name else "the notebook"
         try:
             wire.send_msg(self._link.rpc, message)
             reply = wire.recv_msg(self._link.rpc, timeout=self._link.call_timeout, max_bytes=256 << 20)
         except TimeoutError:
             self._link.student_seconds += self._link.call_timeout
-            self._broken = True
-            if name is not None:
-                self._timed_out.add(name)
-            raise StudentTimeout(f"{what} did not return within {self._link.call_timeout:g} s") from None
-        except (EOFError, OSError, wire.WireError) as exc:
-            self._broken = True
-            raise StudentError(f"the student's process stopped while running {what} "
-                               f"(it crashed, exited, or ran out of memory): {type(exc).__name__}") from None
+            self._link.call_timeouts += 1
+            problem: StudentProblem = StudentTimeout(f"{_subject(name)} did not return within "
+                                                     f"{self._link.call_timeout:g} s")
+            self._remember(name, StudentTimeout(f"{problem} in an earlier test"))
+            raise problem from None
+        except wire.WireError as exc:
+            problem = StudentError(f"the reply about {_subject(name)} could not be read: {exc}")
+            self._remember(name, problem)
+            raise problem from None
+        except (EOFError, OSError):
+            cause = self._link.death_cause()
+            ended = (f"{_subject(name)} ended the student's process when called" if op in CALL_OPS
+                     else f"the student's process ended while the grader was reading {_subject(name)}")
+            problem = StudentError(f"{ended} ({cause})")
+            self._remember(name, problem)
+            raise problem from None
         if not isinstance(reply, dict) or type(reply.get("ok")) is not bool:
             raise StudentError("the student's process sent a malformed reply")
         if type(reply.get("seconds")) is float:
             self._link.student_seconds += min(max(reply["seconds"], 0.0), self._link.call_timeout)
         if reply["ok"]:
             return reply.get("value")
-        raise _problem_from(reply.get("error"), name)
+        raise _problem_from(reply.get("error"), name, op)
+
+    def _remember(self, name: str | None, later: StudentProblem) -> None:
+        """The sandbox is unusable after a request for `name` hung or ended it: restart it before the
+        next request, and fail later requests for `name` with `later` without asking again."""
+        self._broken = True
+        self._remembered[name] = later
 
     def kinds(self, *names: str) -> dict[str, str]:
         return self._request("kinds", names=list(names))
@@ -137,7 +172,12 @@ class StudentProxy:
 
     def call_grad(self, name: str, x: torch.Tensor) -> dict:
         """fn(x) with x tracking gradients: {"value", "grad", "tracks_grad"}."""
-        return self._request("call_grad", name, args=[x])
+        reply = self._request("call_grad", name, args=[x])
+        if (type(reply) is not dict or set(reply) != {"value", "grad", "tracks_grad"}
+                or type(reply["tracks_grad"]) is not bool
+                or reply["grad"] is not None and type(reply["grad"]) is not torch.Tensor):
+            raise StudentError(f"the student's process sent a malformed reply about `{name}`")
+        return reply
 
     def module(self, name: str, *args: Any, probe: torch.Tensor, seed: int | None = None,
                **kwargs: Any) -> tuple[torch.nn.Sequential, dict]:
@@ -153,6 +193,16 @@ class StudentProxy:
         if (type(draws) is not list or len(draws) != len(seeds)
                 or not all(type(d) is list and all(type(t) is torch.Tensor for t in d) for d in draws)):
             raise StudentError(f"the models from `{name}` could not be read")
+        return draws
+
+    def redraw(self, cell: int, names: list[str], *, seeds: list[int]) -> list[list[Any]]:
+        """Run the notebook's cell `cell` (an index from `executed_cells`) again once per seed,
+        torch seeded with it, in a copy of the notebook's namespace; the values of `names` after
+        each run. More draws of the values a cell makes at random; the notebook keeps its own."""
+        draws = self._request("redraw", cell=cell, names=list(names), seeds=list(seeds))
+        if (type(draws) is not list or len(draws) != len(seeds)
+                or not all(type(d) is list and len(d) == len(names) for d in draws)):
+            raise StudentError(f"the values of {', '.join(names)} from cell {cell} could not be read")
         return draws
 
     def model(self, name: str, *, probe: torch.Tensor) -> tuple[torch.nn.Sequential, dict]:
@@ -185,7 +235,20 @@ def _rebuild(described: Any, probe: torch.Tensor, name: str) -> tuple[torch.nn.S
         raise StudentError(f"the model from `{name}` cannot be checked: {exc}") from None
 
 
-def _problem_from(error: Any, name: str | None) -> StudentProblem:
+# Requests that run one of the student's functions or classes (the others read a variable).
+CALL_OPS = frozenset({"call", "call_grad", "module", "module_draws", "apply", "call_on_model"})
+# What the student should know about an exception that is not an error in the usual sense.
+_EXCEPTION_HINTS = {
+    "SystemExit": "exit(), quit() and sys.exit() end a program: a graded function must return its result",
+    "KeyboardInterrupt": "a graded function must not interrupt itself",
+}
+
+
+def _subject(name: str | None) -> str:
+    return f"`{name}`" if name else "the notebook"
+
+
+def _problem_from(error: Any, name: str | None, op: str = "call") -> StudentProblem:
     if not isinstance(error, dict):
         return StudentError("the student's process sent a malformed error")
     kind = str(error.get("type", "Error"))[:100]
@@ -197,7 +260,20 @@ def _problem_from(error: Any, name: str | None) -> StudentProblem:
         return NotAnswered(f"`{name}` is not answered yet (it raises {kind})")
     if kind == "ModelSpecError":
         return StudentError(f"`{name}`: {message}")
-    return StudentError(f"`{name}` raised {kind}: {message}" if name else f"{kind}: {message}")
+    if kind == "_NotCallable":  # the executor's own words about the value
+        return StudentError(message)
+    if kind == "WireError":
+        return StudentError(f"{_subject(name)} {'returned' if op in CALL_OPS else 'holds'} a value the "
+                            f"grader cannot receive: {message}")
+    raised = f"{_subject(name)} raised {kind}" + (" when called" if op in CALL_OPS else "")
+    hint = _EXCEPTION_HINTS.get(kind)
+    return StudentError(raised + (f": {message}" if message else "") + (f" ({hint})" if hint else ""))
+
+
+def seed_for_test(submission_seed: int, nodeid: str) -> int:
+    """The `seed` fixture's value for the test `nodeid` (pytest's node id) of a submission."""
+    digest = hashlib.sha256(f"{submission_seed}:{nodeid}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def seed_torch(seed: int) -> None:
@@ -209,15 +285,33 @@ def seed_torch(seed: int) -> None:
 # ------------------------------------------------------------------ assertions with student-readable messages
 
 
+def expect_tensor(value: Any, what: str, *, shape: tuple[int, ...] | None = None,
+                  floating: bool = False) -> torch.Tensor:
+    """`value` if it is a plain tensor (of `shape`; floating-point if asked), else an AssertionError
+    that says what `what` is instead: hidden tests check what they rely on before using it."""
+    if type(value) is not torch.Tensor:
+        raise AssertionError(f"{what} should be a torch.Tensor, got {wire.describe_value(value)}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise AssertionError(f"{what} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+    if floating and not value.is_floating_point():
+        raise AssertionError(f"{what} has dtype {value.dtype}, expected a floating-point tensor")
+    return value
+
+
+def expect_number(value: Any, what: str) -> float:
+    """`value` (an int or a float, not a bool) as a float, else an AssertionError naming it."""
+    if type(value) not in (int, float):
+        raise AssertionError(f"{what} should be a number, got {wire.describe_value(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise AssertionError(f"{what} is an integer too large for a float ({value.bit_length()} bits)") from None
+
+
 def assert_tensor_close(got: Any, expected: torch.Tensor, what: str, *, atol: float = 1e-6, rtol: float = 1e-5,
                         sample: torch.Tensor | None = None) -> None:
     """Compare here, on plain tensors; the message shows expected vs got on a few elements."""
-    if type(got) is not torch.Tensor:
-        raise AssertionError(f"{what} should be a torch.Tensor, got {type(got).__name__}")
-    if tuple(got.shape) != tuple(expected.shape):
-        raise AssertionError(f"{what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
-    if not got.is_floating_point():
-        raise AssertionError(f"{what} has dtype {got.dtype}, expected a floating-point tensor")
+    expect_tensor(got, what, shape=tuple(expected.shape), floating=True)
     got64, exp64 = got.to(torch.float64), expected.to(torch.float64)
     bad = ~torch.isclose(got64, exp64, atol=atol, rtol=rtol)
     if bad.any():
@@ -286,8 +380,7 @@ class GradingPlugin:
         """A per-submission, per-test seed: hidden inputs cannot be learned from feedback."""
         # From the running test's id, recorded by the setup hook: asking for pytest's `request`
         # fixture instead builds a fixture definition per test.
-        digest = hashlib.sha256(f"{self.ctx.seed}:{self._running}".encode()).digest()
-        return int.from_bytes(digest[:4], "little")
+        return seed_for_test(self.ctx.seed, self._running)
 
     @pytest.fixture
     def rng(self, seed: int) -> torch.Generator:
@@ -402,10 +495,11 @@ def serve_hidden_tests(tests_dir: str, template: GradingContext, jobs: socket.so
     """Main of the test-runner zygote: collect the hidden tests once, then for every job on
     `jobs` fork a runner that runs the collected tests against one submission.
 
-    A job is a message {"seed", "cells", "figures", "call_timeout"} followed by two file
+    A job is a message {"seed", "cells", "figures", "call_timeout", "sandbox_lost"} followed by two file
     descriptors: the socket to the submission's sandbox and the socket to the supervisor, which
     receives the runner's messages ("collected", one "outcome" per test, then "done" or
-    "failed"). The reply is {"ok": true} plus a pidfd of the runner, or {"ok": false, "message"}.
+    "failed") and answers its questions ("death": how the sandbox just ended; "restart": a new
+    sandbox). The reply is {"ok": true} plus a pidfd of the runner, or {"ok": false, "message"}.
 
     Importing and collecting the tests costs more than most tests: here it is paid once per
     worker. Runners are forked from this process and sandboxes from the worker, so no student
@@ -472,13 +566,15 @@ class _RunnerZygote:
         rpc, control = (socket.socket(fileno=fd) for fd in fds)
         report: Report = lambda m: wire.send_msg(control, m)  # noqa: E731
         try:
-            link = SandboxLink(rpc=rpc, control=control, call_timeout=float(message["call_timeout"]))
+            link = SandboxLink(rpc=rpc, control=control, call_timeout=float(message["call_timeout"]),
+                               lost=message.get("sandbox_lost"))
             self.plugin.ctx = dataclasses.replace(self.plugin.ctx, link=link, seed=int(message["seed"]),
                                                   cells=message["cells"], figures=message["figures"])
             self.plugin.report = report
             self.plugin.announce()
             run_collected_tests(session)
-            report({"op": "done", "student_seconds": link.student_seconds, "artifacts": self.plugin.artifacts})
+            report({"op": "done", "student_seconds": link.student_seconds, "call_timeouts": link.call_timeouts,
+                    "artifacts": self.plugin.artifacts})
             return 0
         except BaseException as exc:  # noqa: BLE001 - the supervisor must hear of any failure
             report({"op": "failed", "message": f"{type(exc).__name__}: {exc}"[:2000]})
@@ -489,3 +585,189 @@ class _RunnerZygote:
             for fd in job[1]:
                 os.close(fd)
             wire.send_msg(self.jobs, {"ok": False, "message": why})
+
+
+# ------------------------------------------------------------------ distributions, judged at a stated false-fail rate
+#
+# A test that judges random draws (the weights of freshly built models) fails a correct answer
+# whenever its draws happen to look unusual. assert_distribution derives its thresholds from
+# `alpha`: a sample truly drawn from the expected distribution fails with probability at most
+# alpha, split evenly (Bonferroni) over the checks it makes. How many draws a test takes is then a
+# question of power alone: enough for every wrong answer it must catch to fall outside the
+# thresholds. bench/fairness.py measures both rates as the grader runs the tests.
+
+
+@dataclass(frozen=True)
+class Uniform:
+    """The uniform distribution on [low, high]. Checked: the smallest and the largest value (inside
+    the range, and near its ends), the mean and the spread."""
+
+    low: float
+    high: float
+
+    @property
+    def mean(self) -> float:
+        return (self.low + self.high) / 2
+
+    @property
+    def std(self) -> float:
+        return (self.high - self.low) / math.sqrt(12)
+
+    def squared_deviation_moments(self) -> list[float]:
+        """E[d^2], E[d^4], E[d^6], E[d^8] of d = x - mean."""
+        half = (self.high - self.low) / 2
+        return [half ** (2 * k) / (2 * k + 1) for k in range(1, 5)]
+
+    def __str__(self) -> str:
+        return f"uniformly from [{self.low:g}, {self.high:g}]"
+
+
+@dataclass(frozen=True)
+class Normal:
+    """The normal distribution N(mean, std^2). Checked: the mean, the spread, and the share of
+    values more than `tail` standard deviations from the mean, which tells it from a uniform
+    distribution of the same spread (that has none beyond 1.73)."""
+
+    mean: float
+    std: float
+    tail: float = 2.0
+
+    def squared_deviation_moments(self) -> list[float]:
+        return [self.std ** (2 * k) * double for k, double in enumerate((1, 3, 15, 105), start=1)]
+
+    def __str__(self) -> str:
+        return f"from a normal distribution N({self.mean:g}, {self.std:.3g}²)"
+
+
+@dataclass(frozen=True)
+class DistributionCheck:
+    """A statistic of the sample and the interval that a sample from the expected distribution
+    leaves with probability at most `rate`."""
+
+    statistic: str  # smallest, largest, mean, spread (root mean square distance from the mean), tail
+    low: float
+    high: float
+    rate: float
+
+
+@functools.lru_cache(maxsize=64)
+def distribution_checks(expected: Uniform | Normal, n: int, alpha: float = 1e-6) -> tuple[DistributionCheck, ...]:
+    """The checks assert_distribution makes on `n` values, in order; their rates add up to alpha.
+
+    smallest, largest: exact, P(no value within eps of an end) = (1 - eps)^n. mean: the normal
+    distribution of the mean (exact for Normal; for Uniform the mean's tails are lighter). spread:
+    the mean of the squared deviations, by its Cornish-Fisher expansion to second order (within a
+    few percent of the rate for 100 values or more) at half the rate, which leaves a factor 2 for
+    the expansion's error. tail: the exact binomial distribution of the count.
+    """
+    if n < 1:
+        raise ValueError("a distribution check needs at least one value")
+    statistics = (("smallest", "largest", "mean", "spread") if isinstance(expected, Uniform)
+                  else ("mean", "spread", "tail"))
+    rate = alpha / len(statistics)
+    checks = []
+    for statistic in statistics:
+        if statistic in ("smallest", "largest"):
+            reach = (1 - rate ** (1 / n)) * (expected.high - expected.low)
+            low, high = ((expected.low, expected.low + reach) if statistic == "smallest"
+                         else (expected.high - reach, expected.high))
+        elif statistic == "mean":
+            margin = NormalDist().inv_cdf(1 - rate / 2) * expected.std / math.sqrt(n)
+            low, high = expected.mean - margin, expected.mean + margin
+        elif statistic == "spread":
+            low, high = _mean_interval(expected.squared_deviation_moments(), n, rate / 4)
+            low, high = math.sqrt(max(low, 0.0)), math.sqrt(high)
+        else:
+            p = 2 * NormalDist().cdf(-expected.tail)
+            fewest, most = _binomial_interval(n, p, rate / 2)
+            low, high = fewest / n, most / n
+        checks.append(DistributionCheck(statistic, low, high, rate))
+    return tuple(checks)
+
+
+def distribution_statistics(values: torch.Tensor, expected: Uniform | Normal) -> dict[str, float]:
+    """The statistics that distribution_checks bounds, of a 1-d float64 tensor."""
+    deviations = values - expected.mean
+    found = {"smallest": float(values.min()), "largest": float(values.max()), "mean": float(values.mean()),
+             "spread": float(deviations.square().mean().sqrt())}
+    if isinstance(expected, Normal):
+        found["tail"] = float((deviations.abs() > expected.tail * expected.std).to(torch.float64).mean())
+    return found
+
+
+def assert_distribution(values: Any, expected: Uniform | Normal, *, what: str, alpha: float = 1e-6,
+                        hints: Mapping[str, str] | None = None) -> None:
+    """Fail (AssertionError, for the student) unless `values` look drawn from `expected`. A sample
+    that is drawn from it fails with probability at most `alpha`. `what` names the values in the
+    plural ("build_model's weights"); `hints` adds advice to the message of a failed statistic
+    (keys as in DistributionCheck.statistic)."""
+    x = torch.as_tensor(values).detach().to(torch.float64).flatten()
+    if x.numel() == 0:
+        raise AssertionError(f"there are no {what} to check")
+    if not bool(torch.isfinite(x).all()):
+        raise AssertionError(f"{int((~torch.isfinite(x)).sum())} of {what} are not finite numbers")
+    found = distribution_statistics(x, expected)
+    for check in distribution_checks(expected, x.numel(), alpha):
+        value = found[check.statistic]
+        if not check.low <= value <= check.high:
+            hint = (hints or {}).get(check.statistic)
+            raise AssertionError(_distribution_problem(check, value, found, expected, what, x.numel())
+                                 + (f": {hint}" if hint else ""))
+
+
+def _distribution_problem(check: DistributionCheck, value: float, found: dict[str, float],
+                          expected: Uniform | Normal, what: str, n: int) -> str:
+    sample = f"{n} values drawn {expected}"
+    if check.statistic in ("smallest", "largest") and not expected.low <= value <= expected.high:
+        return (f"{what} range from {found['smallest']:.3f} to {found['largest']:.3f}; values drawn "
+                f"{expected} never leave [{expected.low:g}, {expected.high:g}]")
+    if check.statistic == "smallest":
+        return (f"the smallest of {what} is {value:.3f}; {sample} have one below {check.high:.3f} "
+                f"(all but once in {1 / check.rate:,.0f} samples)")
+    if check.statistic == "largest":
+        return (f"the largest of {what} is {value:.3f}; {sample} have one above {check.low:.3f} "
+                f"(all but once in {1 / check.rate:,.0f} samples)")
+    if check.statistic == "mean":
+        return f"{what} average {value:.3f}; {sample} average between {check.low:.3f} and {check.high:.3f}"
+    if check.statistic == "spread":
+        return (f"the spread of {what} (their root mean square distance from {expected.mean:g}) is {value:.3f}; "
+                f"for {sample} (standard deviation {expected.std:.3f}) it lies between {check.low:.3f} and "
+                f"{check.high:.3f}")
+    return (f"{value:.1%} of {what} lie more than {expected.tail:g} standard deviations from {expected.mean:g} "
+            f"(beyond ±{expected.tail * expected.std:.3f}); of {sample}, between {check.low:.1%} and "
+            f"{check.high:.1%} do")
+
+
+def mean_quantile(moments: Sequence[float], n: int, z: float) -> float:
+    """The quantile of the mean of n independent values with raw moments E[y], E[y^2], E[y^3],
+    E[y^4] at standard-normal quantile z (its Cornish-Fisher expansion to second order)."""
+    m1, m2, m3, m4 = moments
+    k2 = m2 - m1**2
+    k3 = m3 - 3 * m1 * m2 + 2 * m1**3
+    k4 = m4 - 4 * m1 * m3 - 3 * m2**2 + 12 * m1**2 * m2 - 6 * m1**4
+    skew, kurtosis = k3 / k2**1.5 / math.sqrt(n), k4 / k2**2 / n
+    shifted = z + (z * z - 1) * skew / 6 + (z**3 - 3 * z) * kurtosis / 24 - (2 * z**3 - 5 * z) * skew**2 / 36
+    return m1 + math.sqrt(k2 / n) * shifted
+
+
+def _mean_interval(moments: Sequence[float], n: int, side_rate: float) -> tuple[float, float]:
+    """Where the mean of n such values falls, except with probability side_rate on each side."""
+    z = NormalDist().inv_cdf(1 - side_rate)
+    return mean_quantile(moments, n, -z), mean_quantile(moments, n, z)
+
+
+def _binomial_interval(n: int, p: float, side_rate: float) -> tuple[int, int]:
+    """(fewest, most): a Binomial(n, p) count is below fewest, or above most, with probability at
+    most side_rate each."""
+    log_p, log_q = math.log(p), math.log1p(-p)
+    pmf = [math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p + (n - k) * log_q)
+           for k in range(n + 1)]
+    fewest, below = 0, 0.0
+    while below + pmf[fewest] <= side_rate:
+        below += pmf[fewest]
+        fewest += 1
+    most, above = n, 0.0
+    while above + pmf[most] <= side_rate:
+        above += pmf[most]
+        most -= 1
+    return fewest, most

@@ -105,6 +105,28 @@ def _type_name(value: object) -> str:
         return "<unknown>"
 
 
+def describe_value(value: object) -> str:
+    """What a value is, for a message to the student: "None", "an int (5)", "a str ('1 2 3')",
+    "a list of 3 items", "a tensor of shape (3,) and dtype torch.int64", "a function". Never
+    calls a method of the value (both sides use it; in the sandbox the value is the student's)."""
+    kind = type(value)
+    if value is None:
+        return "None"
+    if kind in (bool, int, float, str):
+        text = repr(value)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        return f"{'an' if kind is int else 'a'} {kind.__name__} ({text})"
+    if kind in (list, tuple, dict):
+        return f"a {kind.__name__} of {len(value)} item{'' if len(value) == 1 else 's'}"
+    if kind is torch.Tensor or kind is np.ndarray:
+        what = "tensor" if kind is torch.Tensor else "numpy array"
+        return f"a {what} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, type):
+        return "a class"
+    name = _type_name(value)
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def _to_json(value: object, blobs: list[bytes], depth: int, where: str) -> object:
     if depth > MAX_DEPTH:
         raise WireError(f"{where}: nested more than {MAX_DEPTH} levels deep (or contains itself)")

@@ -126,12 +126,20 @@ def xor_problem(model: nn.Module, *, steps: int = 10_000, lr: float = 1e-3, verb
     targets = torch.tensor(XOR_TARGETS)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        outputs = model(inputs).squeeze()
-        loss = nn.functional.binary_cross_entropy_with_logits(outputs, targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    # Four inputs and a few hundred weights: each op is far too small to split over threads, and
+    # torch's thread pool spends the 10 000 steps synchronising (173 s instead of 27 s on a busy
+    # 2-core machine). The caller's setting is restored.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            outputs = model(inputs).squeeze()
+            loss = nn.functional.binary_cross_entropy_with_logits(outputs, targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
 
     with torch.no_grad():
         logits = model(inputs)

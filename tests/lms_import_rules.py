@@ -1,4 +1,4 @@
-"""Importers that apply the LMS import rules, written independently of gradelab.exports.
+"""Importers that apply the LMS import rules, written independently of gradelab.publish.exports.
 
 Each parser reads a file the way the LMS does and refuses it where the LMS would, so a test that
 round-trips an export through them checks the file against the LMS's rules, not against the

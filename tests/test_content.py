@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import nbformat
 import pytest
@@ -20,16 +19,14 @@ NOTEBOOK = "source/vanishing_gradients/vanishing_gradients.ipynb"
 def test_source_notebook_runs_top_to_bottom(root):
     """Executed as a student would (a Jupyter kernel); warnings are reported, errors fail."""
     nb = nbformat.read(root / NOTEBOOK, as_version=4)
-    started = time.monotonic()
-    NotebookClient(nb, timeout=120, kernel_name="python3",
+    # The cell timeout only stops a hung kernel; how long the notebook takes is `./run bench notebook`.
+    NotebookClient(nb, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(root / "source" / "vanishing_gradients")}}).execute()
-    seconds = time.monotonic() - started
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, [f"{e.ename}: {e.evalue}" for e in errors]
     warnings = [o.text for c in nb.cells if c.cell_type == "code" for o in c.outputs
                 if o.output_type == "stream" and o.name == "stderr"]
-    print(f"source notebook executed in {seconds:.1f} s; {len(warnings)} cells wrote warnings")
-    assert seconds < 120  # the target is 60 s on a quiet 2-core machine; this leaves room under load
+    print(f"{len(warnings)} cells of the source notebook wrote warnings")
 
 
 def test_config_lists_every_notebook_question(root):

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
 import pytest
+import torch
+from click.testing import CliRunner
 
+from gradelab.cli import main
 from gradelab.config import load_config
+from gradelab.environment import HiddenPythonError
 from gradelab.grading import Grader, Project
 from gradelab.notebook import load_submission
+from gradelab.sandbox import UID_BASE, probe_layers
 
 pytestmark = pytest.mark.slow
 
@@ -163,3 +171,135 @@ def test_submission_cannot_read_classmates_or_results(grader, root, tmp_path, ta
         assert "y should hold 7" not in y_test.output, y_test.output
     else:
         assert "y should hold 7" in y_test.output, y_test.output
+
+
+# ------------------------------------------------------------------ a crash costs only its own tests
+
+DYING_FUNCTIONS = '''
+import ctypes
+import os
+
+
+def expected_initial_loss(num_classes):
+    ctypes.string_at(0)  # a segmentation fault
+
+
+def he_init_(model, negative_slope=0.0):
+    os._exit(3)
+
+
+def saturation_fraction(model, inputs, threshold=0.99):
+    ctypes.string_at(0)
+
+
+def kill_gradients(model):
+    os._exit(4)
+'''
+
+
+def test_functions_that_end_the_process_cost_only_their_own_tests(grader, root, tmp_path):
+    """Four functions of the reference kill the sandbox when called (more deaths than any restart
+    budget would allow): their tests fail with how the process ended, every other test passes."""
+    nb = nbformat.read(root / "source/vanishing_gradients/vanishing_gradients.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(DYING_FUNCTIONS))
+    path = tmp_path / "dying.ipynb"
+    nbformat.write(nb, path)
+    result = grader.grade(path, "dying")
+    dying = {"qb_3": "`expected_initial_loss` ended the student's process when called (killed by SIGSEGV)",
+             "qb_1": "`he_init_` ended the student's process when called (exit status 3)",
+             "qb_2": "`saturation_fraction` ended the student's process when called (killed by SIGSEGV)"}
+    for test in result.tests:
+        if test.question in dying:
+            assert test.status == "failed" and test.output == dying[test.question], (test.name, test.output)
+        elif test.name.startswith("kill_gradients"):
+            assert test.output == "`kill_gradients` ended the student's process when called (exit status 4)"
+        else:
+            assert test.status == "passed", (test.name, test.output)
+
+
+# ------------------------------------------------------------------ messages about the student's values
+
+
+def test_messages_name_what_the_value_is():
+    from gradelab.testing import _problem_from, assert_tensor_close, expect_number, expect_tensor
+
+    with pytest.raises(AssertionError, match=r"^d should be a torch.Tensor, got a str \('1 2 3'\)$"):
+        expect_tensor("1 2 3", "d")
+    with pytest.raises(AssertionError, match=r"^A has shape \(2, 2\), expected \(3, 3\)$"):
+        expect_tensor(torch.zeros(2, 2), "A", shape=(3, 3))
+    with pytest.raises(AssertionError, match="has dtype torch.int64, expected a floating-point tensor"):
+        assert_tensor_close(torch.zeros(3, dtype=torch.int64), torch.zeros(3), "my_sigmoid(x)")
+    assert expect_number(2, "n") == 2.0
+    for value, message in ((True, "should be a number, got a bool"), (10 ** 400, "too large for a float"),
+                           (None, "should be a number, got None")):
+        with pytest.raises(AssertionError, match=message):
+            expect_number(value, "expected_initial_loss(2)")
+    assert str(_problem_from({"type": "SystemExit", "message": "0"}, "my_sigmoid", "call")).startswith(
+        "`my_sigmoid` raised SystemExit when called: 0 (exit(), quit() and sys.exit() end a program")
+    assert str(_problem_from({"type": "ValueError", "message": "bad"}, "d", "get")) == "`d` raised ValueError: bad"
+
+
+def test_a_fake_import_error_in_a_cell_is_the_students_own(grader, root, tmp_path):
+    """A cell that raises ModuleNotFoundError for a module this process imports is checked in a
+    clean sandbox, which imports it: the submission is graded as usual."""
+    nb = nbformat.read(root / "release/vanishing_gradients/vanishing_gradients.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell('raise ModuleNotFoundError("No module named \'IPython.core.logger\'")'))
+    path = tmp_path / "fake_import_error.ipynb"
+    nbformat.write(nb, path)
+    assert grader.grade(path, "fake").status == "graded"
+
+
+# ------------------------------------------------------------------ a Python the sandbox cannot read
+
+needs_private_tmp = pytest.mark.skipif(
+    probe_layers()["namespaces"] != "available", reason="without mount namespaces the sandbox shares /tmp")
+
+
+@needs_private_tmp
+def test_a_module_the_sandbox_cannot_import_stops_grading(grader, root, tmp_path, monkeypatch):
+    """A module in Python's trees (here: a folder under /tmp, taken as one of them) that this
+    process can import and the sandbox cannot: an error of the grading environment, not a grade."""
+    site_dir = tmp_path / "site-packages"
+    site_dir.mkdir()
+    (site_dir / "gradelab_probe_module.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(site_dir))
+    monkeypatch.setattr(grader, "python_trees", [*grader.python_trees, site_dir])
+    nb = nbformat.read(root / "release/vanishing_gradients/vanishing_gradients.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell("import gradelab_probe_module"))
+    path = tmp_path / "imports.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(HiddenPythonError, match="a clean sandbox cannot load what this Python loads "
+                                                r"\(module gradelab_probe_module: ModuleNotFoundError"):
+        grader.grade(path, "imports")
+
+
+@needs_private_tmp
+def test_a_virtual_environment_under_tmp_is_refused_up_front(root, tmp_path, monkeypatch):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    with pytest.raises(HiddenPythonError, match=rf"{venv} is under /tmp, which the sandbox replaces"):
+        Grader(Project.load(root))
+    result = CliRunner().invoke(main, ["validate", str(root / "release/vanishing_gradients/vanishing_gradients.ipynb"),
+                                       "--project", str(root)])
+    assert result.exit_code == 3 and f"{venv} is under /tmp" in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.skipif(probe_layers()["uid"] != "available", reason="the sandbox uid needs root")
+def test_folders_the_sandbox_uid_cannot_enter_or_that_are_hidden_are_named(root):
+    from gradelab.environment import unreachable
+
+    outer = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        locked = outer / "venv"
+        locked.mkdir(mode=0o700)
+        os.chmod(outer, 0o755)
+        os.chmod(locked, 0o700)
+        problems = unreachable([locked, root / "source" / "vanishing_gradients"], hide=[root / "source"], slot=7)
+    finally:
+        shutil.rmtree(outer)
+    assert problems == [
+        f"{locked} cannot be read by the sandbox's unprivileged user (uid {UID_BASE + 7}): {locked} "
+        f"(mode drwx------, owner uid 0) does not let others in",
+        f"{root / 'source' / 'vanishing_gradients'} is inside {root / 'source'}, which the sandbox hides "
+        f"from student code"]

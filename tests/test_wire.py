@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradelab.wire import MAX_BYTES, WireError, decode, encode, recv_msg, send_msg
+from gradelab.wire import MAX_BYTES, WireError, decode, describe_value, encode, recv_msg, send_msg
 
 TORCH_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
                 torch.int64, torch.uint8, torch.bool]
@@ -467,3 +467,20 @@ def test_unsendable_value_sends_nothing(pair) -> None:
     a.close()
     with pytest.raises(EOFError):
         recv_msg(b, timeout=5)
+
+
+class Unsized:
+    def __len__(self):  # never called: describe_value does not run a method of the value
+        raise AssertionError("called")
+
+
+@pytest.mark.parametrize("value, text", [
+    (None, "None"), (5, "an int (5)"), (2.5, "a float (2.5)"), (True, "a bool (True)"),
+    ("1 2 3", "a str ('1 2 3')"), ("x" * 60, "a str ('" + "x" * 36 + "...)"),
+    ([1, 2], "a list of 2 items"), ({"a": 1}, "a dict of 1 item"),
+    (torch.zeros(3, dtype=torch.int64), "a tensor of shape (3,) and dtype torch.int64"),
+    (np.zeros((2, 1)), "a numpy array of shape (2, 1) and dtype float64"),
+    (len, "a builtin_function_or_method"), (int, "a class"), (Unsized(), "an Unsized"),
+])
+def test_describe_value_says_what_a_value_is(value, text):
+    assert describe_value(value) == text

@@ -11,7 +11,7 @@ from torch import nn
 
 from gradelab import plots
 from gradelab.modelspec import layer, train_logits_batched
-from gradelab.testing import seed_torch
+from gradelab.testing import describe_standard, seed_torch
 
 XOR_INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 XOR_TARGETS = torch.tensor([0.0, 1.0, 1.0, 0.0])
@@ -25,10 +25,16 @@ def probe(rng) -> torch.Tensor:
 
 @pytest.fixture
 def find_figure(figures, executed_cells):
-    """The captured figure made by the cell with `grade_id`, or held in the variable `name`."""
-    parsed = [plots.FigureData.from_capture(f) for f in figures if "error" not in f]
+    """The captured figure made by the cell with `grade_id`, or held in the variable `name`.
+    A capture that does not validate (the sandbox sent something else) counts as no figure."""
+    parsed, raw_names = [], []
+    for capture in figures:
+        try:
+            parsed.append(plots.FigureData.from_capture(capture))
+        except ValueError:  # pydantic's ValidationError
+            continue
+        raw_names.append(parsed[-1].names)
     cell_of = {c.get("grade_id"): c["index"] for c in executed_cells if c.get("grade_id")}
-    raw_names = [f.get("names", []) for f in figures if "error" not in f]
 
     def find(*, grade_id: str | None = None, name: str | None = None) -> plots.FigureData | None:
         if name is not None:
@@ -50,11 +56,22 @@ def expected_gradients(model: nn.Module, seed: int = 0) -> dict:
     return gradient_data(model, seed=seed)
 
 
-def classifier_gradients(model: nn.Module, seed: int) -> list[torch.Tensor]:
-    """gradient_print's pass (10 inputs, 5 classes, cross-entropy) on the rebuilt model."""
+def classifier_gradients(model: nn.Module, seed: int, *, what: str | None = None) -> list[torch.Tensor]:
+    """gradient_print's pass (10 inputs, 5 classes, cross-entropy) on the rebuilt model. With
+    `what` (the model comes from the student's code), a model that cannot take that pass is an
+    AssertionError saying so."""
     from vanishing_helpers import gradient_print
 
-    return gradient_print(model, seed=seed, verbose=False)
+    try:
+        grads = gradient_print(model, seed=seed, verbose=False)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        if what is None:
+            raise
+        raise AssertionError(f"{what} cannot take gradient_print's pass (a batch of 10 float32 inputs, "
+                             f"5 classes): {type(exc).__name__}: {exc}"[:600]) from None
+    if not grads and what is not None:
+        raise AssertionError(f"{what} has no parameters")
+    return grads
 
 
 def deep_reference(depth: int, activation: type[nn.Module], seed: int) -> nn.Sequential:
@@ -66,7 +83,20 @@ def deep_reference(depth: int, activation: type[nn.Module], seed: int) -> nn.Seq
 
 
 def train_xor_batched(models: list[nn.Sequential], *, steps: int = 10_000, lr: float = 1e-3) -> torch.Tensor:
-    """xor_problem's training (SGD, BCE on logits, full batch) of each model; their accuracies."""
+    """xor_problem's training (SGD, BCE on logits, full batch) of each model; their accuracies.
+    The models come from make_xor_model: one architecture and dtype, one logit per input."""
+    described = [describe_standard(m) for m in models]
+    if not all(state for _, state in described):
+        raise AssertionError("make_xor_model's model has no Linear layer: nothing to train")
+    layers, dtypes = described[0][0], {state[0].dtype for _, state in described}
+    if any(other != layers for other, _ in described) or len(dtypes) != 1:
+        raise AssertionError("make_xor_model builds models of different architectures or dtypes on different "
+                             "seeds; it should build the same network each time, with fresh weights")
+    with torch.no_grad():
+        out = models[0](XOR_INPUTS.to(next(iter(dtypes))))
+    if out.numel() != len(XOR_INPUTS):
+        raise AssertionError(f"the model's output for the 4 XOR inputs has shape {tuple(out.shape)}; "
+                             f"xor_problem trains one logit per input")
     logits = train_logits_batched(models, XOR_INPUTS, XOR_TARGETS, steps=steps, lr=lr)
     return ((logits > 0).to(XOR_TARGETS.dtype) == XOR_TARGETS).to(torch.float64).mean(1)
 

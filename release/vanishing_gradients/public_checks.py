@@ -1,21 +1,44 @@
-"""Public checks: quick feedback in the notebook, before submitting.
+"""Public checks: quick feedback on your answers, before you submit.
 
-`check("q1_2")` looks at the answers defined in the notebook that calls it and prints what is
-right; the first problem found raises `PublicCheckFailed` with a message that says what to fix.
-These checks are deliberately few and simple. The hidden tests grade the same questions with
-other inputs, after submission, in a separate process.
+In the notebook, `check("q1_2")` checks one question and shows a one-line summary: passed, not
+answered yet, or what to fix. `check_all()` shows the table of every question. If you know
+otter-grader, its spelling works too: `grader = Notebook()`, `grader.check("q1_2")`,
+`grader.check_all()`.
+
+From a terminal, in the folder of the notebook (with this file and vanishing_helpers.py beside it):
+
+    python public_checks.py vanishing_gradients.ipynb
+
+runs the notebook top to bottom in a fresh Jupyter kernel, as JupyterLab's "Restart Kernel and
+Run All Cells" does but going on past a cell that fails, and prints the same table. Exit status:
+0 when every cell ran and every public check passed, 1 otherwise, 2 when the notebook could not
+be run at all.
+
+These checks are few and simple, and run your code in your own kernel. After you submit, the
+hidden tests grade every question again, with other inputs, in a separate process.
 """
 
 from __future__ import annotations
 
+import argparse
+import html
 import inspect
+import json
+import logging
 import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import matplotlib.figure
 import torch
 from torch import nn
 
-__all__ = ["check", "PublicCheckFailed"]
+__all__ = ["check", "check_all", "Notebook", "CheckResult", "CheckTable"]
+
+PASSED, FAILED, NOT_ANSWERED = "passed", "failed", "not answered"
+HIDDEN_TESTS_NOTE = "The hidden tests check more, with other inputs, after you submit."
 
 
 class PublicCheckFailed(AssertionError):
@@ -205,12 +228,234 @@ _CHECKS = {
 }
 
 
-def check(question: str) -> None:
-    """Run the public checks of `question` (e.g. "q1_2") on the calling notebook's answers."""
-    if question not in _CHECKS:
-        raise ValueError(f"unknown question {question!r}; known: {', '.join(_CHECKS)}")
-    caller = inspect.currentframe().f_back
-    namespace = dict(caller.f_globals)
-    summary = _CHECKS[question](namespace)
-    print(f"{question}: public checks passed ({summary}).")
+# ------------------------------------------------------------------ results, as Jupyter shows them
 
+
+_COLOURS = {PASSED: "#1a7f37", FAILED: "#cf222e", NOT_ANSWERED: "#9a6700"}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One question's public check. Jupyter shows it as a one-line summary, never a traceback.
+
+    `passed_all`, `name` and `summary()` are the names otter-grader's check results use.
+    """
+
+    question: str
+    status: str  # PASSED, FAILED or NOT_ANSWERED
+    message: str  # what was checked, or what to fix
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    passed_all = passed
+
+    @property
+    def name(self) -> str:
+        return self.question
+
+    def summary(self) -> str:
+        return f"{self.question} {self.status}: {self.message}"
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        return (f'<p class="public-check" data-status="{self.status}"><strong style="color: '
+                f'{_COLOURS[self.status]}">{self.question} {self.status}</strong>: {html.escape(self.message)}</p>')
+
+
+@dataclass(frozen=True)
+class CheckTable:
+    """Every question's public check, as `check_all()` and `python public_checks.py` report them."""
+
+    results: tuple[CheckResult, ...]
+
+    @property
+    def passed_all(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def verdict(self) -> str:
+        passed = sum(r.passed for r in self.results)
+        return f"{passed} of {len(self.results)} questions pass their public checks. {HIDDEN_TESTS_NOTE}"
+
+    def summary(self) -> str:
+        rows = [("question", "public check", "details")] + [(r.question, r.status, r.message) for r in self.results]
+        widths = [max(len(row[i]) for row in rows) for i in range(2)]
+        lines = [f"{q:<{widths[0]}}  {s:<{widths[1]}}  {m}" for q, s, m in rows]
+        return "\n".join(lines + ["", self.verdict()])
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f'<tr class="public-check" data-status="{r.status}"><td>{r.question}</td>'
+                       f'<td style="color: {_COLOURS[r.status]}; font-weight: bold">{r.status}</td>'
+                       f"<td style=\"text-align: left\">{html.escape(r.message)}</td></tr>" for r in self.results)
+        return (f'<table class="public-checks"><thead><tr><th>question</th><th>public check</th>'
+                f'<th style="text-align: left">details</th></tr></thead><tbody>{rows}</tbody></table>'
+                f"<p>{html.escape(self.verdict())}</p>")
+
+    def to_json(self) -> str:
+        return json.dumps([asdict(r) for r in self.results])
+
+    @classmethod
+    def from_json(cls, text: str) -> "CheckTable":
+        return cls(tuple(CheckResult(**r) for r in json.loads(text)))
+
+
+def _run_check(question: str, namespace: dict) -> CheckResult:
+    if question not in _CHECKS:
+        return CheckResult(question, FAILED, f"there is no public check {question!r}; "
+                                             f"the questions are {', '.join(_CHECKS)}")
+    try:
+        what = _CHECKS[question](dict(namespace))
+    except NotAnsweredYet as exc:
+        return CheckResult(question, NOT_ANSWERED, str(exc))
+    except PublicCheckFailed as exc:
+        return CheckResult(question, FAILED, str(exc))
+    except NotImplementedError as exc:
+        return CheckResult(question, NOT_ANSWERED, f"part of the answer still raises NotImplementedError: {exc}")
+    except Exception as exc:  # the student's code raised: say what, the check's own frames are no help
+        message = f"calling your code raised {type(exc).__name__}: {exc}"
+        return CheckResult(question, FAILED, message if len(message) <= 300 else message[:297] + "...")
+    return CheckResult(question, PASSED, what)
+
+
+def _check_table(namespace: dict) -> CheckTable:
+    return CheckTable(tuple(_run_check(q, namespace) for q in _CHECKS))
+
+
+def check(question: str) -> CheckResult:
+    """The public checks of `question` (e.g. "q1_2") on the answers of the notebook that calls it."""
+    return _run_check(question, inspect.currentframe().f_back.f_globals)
+
+
+def check_all() -> CheckTable:
+    """The public checks of every question, on the answers of the notebook that calls it."""
+    return _check_table(inspect.currentframe().f_back.f_globals)
+
+
+class Notebook:
+    """otter-grader's spelling of the same checks: `grader = Notebook(); grader.check("q1_2")`.
+
+    otter's arguments (the notebook's path, a tests folder, ...) are accepted and not needed: the
+    checks live in this file, not in test files.
+    """
+
+    def __init__(self, nb_path: str | None = None, tests_dir: str | None = None, **otter_options):
+        pass
+
+    def check(self, question: str, global_env: dict | None = None) -> CheckResult:
+        return _run_check(question, inspect.currentframe().f_back.f_globals if global_env is None else global_env)
+
+    def check_all(self) -> CheckTable:
+        return _check_table(inspect.currentframe().f_back.f_globals)
+
+
+# ------------------------------------------------------------------ python public_checks.py NOTEBOOK
+
+
+REPORT_MARKER = "@@public-checks@@"
+# Run in the student's kernel after the notebook's cells: check_all() on the notebook's own names.
+REPORT_CELL = f"import public_checks as _public_checks\nprint({REPORT_MARKER!r} + _public_checks.check_all().to_json())"
+
+
+class NotebookNotRun(Exception):
+    """The notebook could not be run at all; the message says why."""
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def run_notebook(path: Path, *, timeout: float) -> tuple[CheckTable, list[str], int, float]:
+    """Run `path` in a fresh kernel (its folder as working directory), going on past failing cells.
+
+    Returns the public checks' table, one line per cell that raised, the number of code cells run
+    and the seconds it took.
+    """
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+        from nbclient.exceptions import DeadKernelError
+    except ImportError as exc:
+        raise NotebookNotRun(f"the package {exc.name} is missing: it comes with JupyterLab "
+                             f"(pip install jupyterlab)") from None
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except OSError as exc:
+        raise NotebookNotRun(f"cannot read {path}: {exc.strerror}") from None
+    except Exception as exc:  # nbformat raises many kinds of errors on a file that is not a notebook
+        raise NotebookNotRun(f"{path} is not a readable notebook: {_first_line(str(exc))}") from None
+    report_index = len(nb.cells)
+    nb.cells.append(nbformat.v4.new_code_cell(REPORT_CELL))
+    quiet = logging.getLogger("public_checks.nbclient")  # timeouts are reported below, once
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    # The kernel's own log (a warning that it talks over local TCP, as under JupyterLab) is not the student's business.
+    client = NotebookClient(nb, timeout=timeout, interrupt_on_timeout=True, allow_errors=True, kernel_name="python3",
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                            resources={"metadata": {"path": str(path.resolve().parent)}}, log=quiet)
+    problems: list[str] = []
+    started, ran, index = time.monotonic(), 0, 0
+    try:
+        with client.setup_kernel():
+            for index, cell in enumerate(nb.cells):
+                if cell.cell_type != "code" or not cell.source.strip():
+                    continue
+                client.execute_cell(cell, index)
+                ran += index < report_index
+                error = next((o for o in cell.outputs if o.output_type == "error"), None)
+                if error is None or index == report_index:
+                    continue
+                grade_id = cell.metadata.get("nbgrader", {}).get("grade_id")
+                where = f"cell {index + 1}" + (f" ({grade_id})" if grade_id else "")
+                what = (f"did not finish within {timeout:g} s and was interrupted" if error.ename == "KeyboardInterrupt"
+                        else f"{error.ename}: {_first_line(error.evalue)}")
+                problems.append(f"{where}: {what}")
+    except DeadKernelError:
+        raise NotebookNotRun(f"the kernel died while running cell {index + 1} (out of memory?)") from None
+    except Exception as exc:  # the kernel could not be started or talked to
+        raise NotebookNotRun(f"could not run a Jupyter kernel: {type(exc).__name__}: {_first_line(str(exc))}") from None
+    seconds = time.monotonic() - started
+    report = nb.cells[report_index]
+    printed = "".join(o.get("text", "") for o in report.outputs if o.output_type == "stream")
+    if REPORT_MARKER not in printed:
+        error = next((o for o in report.outputs if o.output_type == "error"), None)
+        why = f"{error.ename}: {_first_line(error.evalue)}" if error else "it printed nothing"
+        raise NotebookNotRun(f"the public checks could not run in the notebook's kernel ({why}); "
+                             f"public_checks.py and vanishing_helpers.py must be beside the notebook")
+    table = CheckTable.from_json(printed.split(REPORT_MARKER, 1)[1].strip())
+    return table, problems, ran, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python public_checks.py",
+        description="Run a notebook top to bottom in a fresh kernel and report every question's public checks.")
+    parser.add_argument("notebook", type=Path, help="the notebook to check, e.g. vanishing_gradients.ipynb")
+    parser.add_argument("--timeout", type=float, default=120, help="seconds a cell may run (default: 120)")
+    args = parser.parse_args(argv)
+    print(f"Running {args.notebook} top to bottom in a fresh kernel...", file=sys.stderr, flush=True)
+    try:
+        table, problems, ran, seconds = run_notebook(args.notebook, timeout=args.timeout)
+    except NotebookNotRun as exc:
+        print(f"{args.notebook} could not be checked: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(f"{args.notebook}: {ran} code cells run in {seconds:.1f} s.")
+    if problems:
+        print("Cells that raised an error (JupyterLab's Run All stops at the first of them):")
+        print("\n".join(f"  {p}" for p in problems))
+    print()
+    print(table.summary())
+    return 0 if table.passed_all and not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,15 +26,27 @@ def test_deep_network_architecture(student, activation, seed):
         f"layers and none after the last; got {activations_between(described)}")
 
 
+# After the reference's kill_gradients the first layer's gradient is exactly 0 (saturated
+# activations) or below 1e-12; without it, a depth-7 network's is about 1e-6 (sigmoid) or 2e-3
+# (tanh): bench/fairness.py has the rates.
+KILLED_BELOW = 1e-8
+
+
+def first_layer_gradients_around_kill(student, activation, seed) -> tuple[float, float]:
+    """The largest first-layer gradient of a depth-7 network before and after kill_gradients."""
+    network = deep_reference(7, activation, seed)
+    before = classifier_gradients(network, seed)[0].abs().max().item()
+    killed, _ = student.apply("kill_gradients", network, probe=CLASSIFIER_PROBE, mode="call")
+    after = classifier_gradients(killed, seed, what="the model after kill_gradients")[0].abs().max().item()
+    return before, after
+
+
 @pytest.mark.question("q3_1", weight=2)
 @pytest.mark.parametrize("activation", [nn.Sigmoid, nn.Tanh], ids=["sigmoid", "tanh"])
 def test_kill_gradients(student, activation, seed):
     """kill_gradients makes the first layer's gradient (practically) zero in a depth-7 network"""
-    network = deep_reference(7, activation, seed)
-    before = classifier_gradients(network, seed)[0].abs().max().item()
-    killed, _ = student.apply("kill_gradients", network, probe=CLASSIFIER_PROBE, mode="call")
-    after = classifier_gradients(killed, seed)[0].abs().max().item()
-    assert after < 1e-8, (f"after kill_gradients the first layer's largest gradient is {after:.2e} "
+    before, after = first_layer_gradients_around_kill(student, activation, seed)
+    assert after < KILLED_BELOW, (f"after kill_gradients the first layer's largest gradient is {after:.2e} "
                           f"(before: {before:.2e}); it should be (practically) zero for a "
                           f"{activation.__name__} network")
 
@@ -101,7 +113,8 @@ def test_gradient_dies_below_target(student, target, seed):
             f"after NegativeInitializer({target}) the target layer keeps positive biases "
             f"({int((target_layer.bias > 0).sum())} of {target_layer.bias.numel()}): negative weights alone "
             f"are not enough, since a positive bias can still open the ReLU and let gradient through")
-    grads = classifier_gradients(changed, seed)  # weight, bias of each Linear layer, in order
+    # weight, bias of each Linear layer, in order
+    grads = classifier_gradients(changed, seed, what=f"the model after NegativeInitializer({target})")
     alive = [f"{g.abs().max().item():.1e}" for g in grads[: 2 * (layer_index + 1)] if g.abs().max() > 0]
     assert not alive, (
         f"after NegativeInitializer({target}) some gradient still reaches the layers up to the target "
@@ -119,12 +132,23 @@ def test_xor_output_shape(student):
         f"the model's output for the 4 XOR inputs has shape {tuple(out.shape)}; expected (4, 1) or (4,)"
 
 
+# The reference network fails to learn XOR on about 1 seed in 1000 (p): with "at least 3 of 5" it
+# fails this test with probability ~10 p^3 (1e-8); a network that cannot represent XOR always does.
+XOR_SEEDS = 5
+XOR_SOLVED_AT_LEAST = 3
+
+
+def xor_models(student, seed) -> list[nn.Sequential]:
+    """make_xor_model's models, torch seeded with seed, seed + 1, ..., rebuilt here."""
+    return [student.module("make_xor_model", probe=XOR_INPUTS, seed=seed + k)[0] for k in range(XOR_SEEDS)]
+
+
 @pytest.mark.question("q3_3", weight=3)
 def test_xor_solved_reliably(student, seed):
-    """xor_problem's training solves XOR for at least 4 of 5 random seeds"""
-    models = [student.module("make_xor_model", probe=XOR_INPUTS, seed=seed + k)[0] for k in range(5)]
-    accuracy = train_xor_batched(models)
+    """xor_problem's training solves XOR for at least 3 of 5 random seeds"""
+    accuracy = train_xor_batched(xor_models(student, seed))
     solved = int((accuracy == 1).sum())
-    assert solved >= 4, (f"after xor_problem's training, the model classified all four points correctly for "
-                         f"{solved} of 5 seeds (accuracies {[round(a, 2) for a in accuracy.tolist()]}); it "
-                         f"must work reliably, not for one lucky draw")
+    assert solved >= XOR_SOLVED_AT_LEAST, (
+        f"after xor_problem's training, the model classified all four points correctly for {solved} of "
+        f"{XOR_SEEDS} seeds (accuracies {[round(a, 2) for a in accuracy.tolist()]}); it must work reliably, "
+        f"not for one lucky draw")

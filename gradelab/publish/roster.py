@@ -8,9 +8,6 @@ roster student without a submission is reported as missing.
 
 from __future__ import annotations
 
-import csv
-import io
-import itertools
 import re
 import unicodedata
 from collections import defaultdict
@@ -20,11 +17,17 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from gradelab.errors import GradelabError
 from gradelab.models import SubmissionResult
+from gradelab.publish.csvfiles import read_records
 
 MatchRule = Literal["canvas_id", "sis_user_id", "moodle_id", "email", "id_number", "name"]
 # Most specific first: an LMS id beats an email, which beats a name.
 MATCH_RULES: tuple[MatchRule, ...] = ("canvas_id", "sis_user_id", "moodle_id", "email", "id_number", "name")
+
+
+class RosterError(GradelabError, ValueError):
+    """A roster file that cannot be read or is in no known format; the message names the file."""
 
 
 class RosterEntry(BaseModel):
@@ -87,38 +90,21 @@ _COLUMN_ALIASES = {
 
 def load_roster(path: Path) -> list[RosterEntry]:
     """Read a Canvas gradebook export, a Moodle participants export or a plain roster CSV."""
-    rows = _read_rows(path)
+    rows = [row for row in read_records(path, RosterError) if any(cell.strip() for cell in row)]  # drops ",,,,"
     if not rows:
-        raise ValueError(f"{path}: empty roster file")
+        raise RosterError(f"{path}: empty roster file")
     header = [cell.strip() for cell in rows[0]]
     if len(header) > 1 and header[0] == "Student" and header[1] == "ID":
         return _canvas_entries(header, rows[1:])
     known = [_COLUMN_ALIASES.get(column.lower()) for column in header]
     if not any(known):
-        raise ValueError(
+        raise RosterError(
             f"{path}: unknown roster format; columns found: {', '.join(header)}. Expected a Canvas "
             "gradebook export (Student, ID, SIS User ID, SIS Login ID, Section, ...), a Moodle "
             "participants export (First name, Last name or Full name, Email address, ID number) "
             "or a CSV with id, student_id, email or name columns."
         )
     return [entry for row in rows[1:] if (entry := _aliased_entry(known, row)) is not None]
-
-
-def _read_rows(path: Path) -> list[list[str]]:
-    text = path.read_text(encoding="utf-8-sig")  # Excel and Canvas write a BOM, others do not
-    rows = csv.reader(io.StringIO(text, newline=""), delimiter=_sniff_delimiter(text))
-    return [row for row in rows if any(cell.strip() for cell in row)]  # drops ",,,," separator lines
-
-
-def _sniff_delimiter(text: str) -> str:
-    """The delimiter that gives the first three records one common field count (Canvas's rule)."""
-    best, best_width = ",", 1
-    for delimiter in (",", ";", "\t"):
-        records = (row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if row)
-        widths = {len(row) for row in itertools.islice(records, 3)}
-        if len(widths) == 1 and (width := widths.pop()) > best_width:
-            best, best_width = delimiter, width
-    return best
 
 
 def _canvas_entries(header: list[str], rows: list[list[str]]) -> list[RosterEntry]:

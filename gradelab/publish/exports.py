@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from gradelab.late import LatePolicy, apply_late, assess, format_points
+from gradelab.config import LatePolicy, LmsSettings
+from gradelab.errors import GradelabError
 from gradelab.models import LateInfo, SubmissionResult
-from gradelab.roster import MatchRule, RosterEntry, match
+from gradelab.publish.late import apply_late, assess, format_points
+from gradelab.publish.roster import MatchRule, RosterEntry, match
 
 ExportTarget = Literal["canvas", "moodle", "blackboard", "gradescope", "csv"]
 
@@ -44,16 +44,8 @@ _BLACKBOARD_COLUMN_ID = re.compile(r"\|\d+\Z")
 _WITHOUT_ROSTER = {"canvas": "Canvas user ids", "blackboard": "Blackboard usernames"}
 
 
-class LmsSettings(BaseModel):
-    """How the assignment is called in the LMS."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    assignment_title: str = Field(min_length=1)
-    canvas_assignment_id: int | None = None
-    moodle_identifier: Literal["email", "id_number"] = "email"
-    blackboard_column: str | None = None  # default: the title (a new column)
-    points_possible: float | None = Field(None, gt=0)
+class ExportError(GradelabError, ValueError):
+    """The export cannot be written as asked (a roster is missing, a title would be misread)."""
 
 
 @dataclass
@@ -114,7 +106,7 @@ def export(
     """
     report = ExportReport(target=target)
     if target == "moodle" and roster is None:
-        raise ValueError(
+        raise ExportError(
             "the moodle export needs a roster: Moodle places grades by email address or ID number, "
             "and submissions carry neither"
         )
@@ -183,7 +175,7 @@ def _write_canvas(lines: list[_Line], out: Path, settings: LmsSettings, report: 
     if settings.canvas_assignment_id is not None:
         column = f"{title} ({settings.canvas_assignment_id})"
     elif _CANVAS_TITLE_AND_ID.fullmatch(title):
-        raise ValueError(
+        raise ExportError(
             f"Canvas would read the title {title!r} as '<title> (<assignment id>)'; set canvas_assignment_id"
         )
     else:

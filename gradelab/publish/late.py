@@ -1,5 +1,7 @@
 """Late policy: how late a submission was, and what the policy would take off.
 
+The policy itself (`config.LatePolicy`) is configuration; this module applies it.
+
 `assess` computes and explains the penalty but never changes a score; `apply_late` is the one
 place a penalty is subtracted, and exports call it so the LMS gets the penalised score while the
 plain CSV shows raw score, penalty and final score side by side.
@@ -9,39 +11,11 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeFloat
-
+from gradelab.config import LatePolicy
 from gradelab.models import LateInfo, SubmissionResult
 
 SECONDS_PER_DAY = 86_400.0
-
-
-def _not_a_number(value: object) -> object:
-    # pydantic would read a number (or "3") as a Unix time; here a number means extra days.
-    try:
-        float(str(value))
-    except (TypeError, ValueError):
-        return value
-    raise ValueError("a date is expected here, not a number")
-
-
-DueDate = Annotated[datetime, BeforeValidator(_not_a_number)]
-
-
-class LatePolicy(BaseModel):
-    """The course's late rules. Unknown or out-of-range fields are rejected by name."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    due: DueDate | None = None
-    grace_minutes: float = Field(0, ge=0)
-    penalty: Literal["none", "per_day", "zero"] = "none"
-    per_day_fraction: float = Field(0.1, ge=0, le=1)  # of the max score, per started day after grace
-    max_days: int | None = Field(None, ge=0)  # later than this many days: the score goes to zero
-    # student id -> a new due date, or extra days on top of `due`
-    extensions: dict[str, DueDate | NonNegativeFloat] = Field(default_factory=dict)
 
 
 def assess(
@@ -96,6 +70,11 @@ def assess(
         penalty_points=round(fraction * max_score, 4),
         reason=reason,
     )
+
+
+def is_late(info: LateInfo | None) -> bool:
+    """Whether the submission counts as late: measured late, marked late, or penalised."""
+    return info is not None and (info.marked_late or info.seconds_late > 0 or info.penalty_points > 0)
 
 
 def apply_late(result: SubmissionResult, info: LateInfo | None) -> float:
