@@ -26,8 +26,10 @@ from typing import Sequence
 from gradelab import sandbox
 from gradelab.errors import GradingEnvironmentError
 
-# What the sandbox imports from: the notebook's packages and the grader's own code.
-SANDBOX_PACKAGES = ("torch", "numpy", "matplotlib", "IPython", "gradelab")
+# What the sandbox may load from disk after it forks: the notebook's packages. gradelab itself is
+# not among them: the worker imports every sandbox-side module before it forks (the executor
+# imports all it needs at module level), so a checkout under /tmp (CI's fresh clone) grades.
+SANDBOX_PACKAGES = ("torch", "numpy", "matplotlib", "IPython")
 # Mounted afresh (empty) in the sandbox's mount namespace.
 PRIVATE_MOUNTS = ("/tmp", "/dev/shm", "/run")
 _MISSING_MODULE = re.compile(r"No module named '([\w.]+)'")

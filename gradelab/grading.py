@@ -168,7 +168,7 @@ class Grader:
             if out_dir:
                 write_result(out_dir / student_id, result)
             return result
-        submission.private_paths = _private_paths(path, out_dir, self.python_trees)
+        submission.private_paths = _private_paths(path, out_dir, [*self.python_trees, Path(__file__).parent])
         seed = submission_seed(self.config.assignment.seed, content_hash)
         try:
             outcomes, execution, messages = self._grade_executed(submission, seed)
