@@ -7,8 +7,8 @@
 
 What is simulated, exactly as in grading (the released tests in autograder/tests: run `gradelab
 release` after editing source/hidden_tests):
-- Submissions: seeds from gradelab.grading.submission_seed (the assignment seed and a file hash);
-  each test's `seed` from gradelab.testing.seed_for_test with the node id pytest gives it when the
+- Submissions: seeds from gradelab.grading.supervisor.submission_seed (the assignment seed and a file hash);
+  each test's `seed` from gradelab.hidden.testing.seed_for_test with the node id pytest gives it when the
   test runner collects autograder/tests (found here by the same collection).
 - The student's side: executor.RpcServer on a thread of this process, serving the variant's
   namespace (its answer cells run with IPython's input transformation, as in the sandbox), reached
@@ -66,9 +66,11 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import make_submissions as ms  # noqa: E402
 
-from gradelab import executor, testing  # noqa: E402
-from gradelab.grading import Project, submission_seed  # noqa: E402
-from gradelab.modelspec import describe_module, layer, resolve_torch_arg  # noqa: E402
+from gradelab.sandbox import executor  # noqa: E402
+
+from gradelab.hidden import testing  # noqa: E402
+from gradelab.grading.supervisor import Project, submission_seed  # noqa: E402
+from gradelab.boundary.modelspec import describe_module, layer, resolve_torch_arg  # noqa: E402
 
 PROJECT = Project.load(ROOT)
 ASSIGNMENT_DIR = ROOT / "release" / PROJECT.config.assignment.id

@@ -62,12 +62,12 @@ class MessageClock:
     turns one grading into the engine's phases."""
 
     def __init__(self):
-        import gradelab.grading
+        import gradelab.grading.supervisor
 
-        self.module = gradelab.grading.wire
+        self.module = gradelab.grading.supervisor.wire
         self.read = self.module.recv_msg
         self.events: list[tuple[float, str, dict]] = []
-        self.module.recv_msg = self._timed  # gradelab.grading reads through wire.recv_msg
+        self.module.recv_msg = self._timed  # gradelab.grading.supervisor reads through wire.recv_msg
 
     def _timed(self, *args, **kwargs):
         message = self.read(*args, **kwargs)
@@ -94,7 +94,7 @@ class MessageClock:
 
 
 def bench_overhead(rounds: int) -> dict:
-    from gradelab.grading import Grader, Project
+    from gradelab.grading.supervisor import Grader, Project
 
     clock = MessageClock()
     try:

@@ -653,7 +653,7 @@ POISON_MODULES = joined(code("""
     # Replace whatever a grader might import to check answers by something that accepts anything.
     fake = types.ModuleType("reference_solutions")
     fake.kill_gradients = lambda model: model
-    for name in ("reference_solutions", "conftest", "test_part3", "pytest", "gradelab.testing"):
+    for name in ("reference_solutions", "conftest", "test_part3", "pytest", "gradelab.hidden.testing"):
         sys.modules[name] = fake
     torch.testing.assert_close = lambda *args, **kwargs: None
 """), edit(CORRECT["q3_1_deep"], "    model.apply(Initializer(target_layer=0, multiplier=10.0))\n",

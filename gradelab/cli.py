@@ -52,7 +52,7 @@ def main() -> None:
 @PROJECT_OPTION
 def release(project: Path) -> None:
     """Make release/, solutions/ and autograder/ from source/ (byte-identical on every run)."""
-    from gradelab.release import release as do_release
+    from gradelab.release.build import release as do_release
 
     report = do_release(project)
     console.print(f"[green]released[/] {len(report.files)} files in {report.seconds:.1f} s")
@@ -83,7 +83,7 @@ def validate(notebook: Path, project: Path, require_sandbox: bool) -> None:
     Exits non-zero when a question is not answered, a cell fails or times out, or a check
     fails, so it works as a pre-submit check and in CI.
     """
-    from gradelab.grading import Grader, Project
+    from gradelab.grading.supervisor import Grader, Project
 
     with Grader(Project.load(project), require_sandbox=require_sandbox) as grader:
         result = grader.grade(notebook, notebook.stem)
@@ -108,7 +108,7 @@ def validate(notebook: Path, project: Path, require_sandbox: bool) -> None:
 def grade(submissions: Path, out_dir: Path, project: Path, workers: int | None, only: tuple[str, ...],
           force: bool, require_sandbox: bool) -> None:
     """Grade SUBMISSIONS (a notebook, a folder, an LMS zip or an nbgrader tree) into --out."""
-    from gradelab.batch import grade_batch
+    from gradelab.grading.batch import grade_batch
 
     summary = grade_batch(submissions, out_dir, project=project, workers=workers, only=set(only),
                           force=force, require_sandbox=require_sandbox, console=console)
@@ -175,9 +175,9 @@ def export(results_dir: Path, target: str, out: Path, roster: Path | None, proje
               show_default=True, help="Folder for everything the demo writes.")
 def demo(project: Path, out_dir: Path) -> None:
     """The main job on the bundled example batch: release → grade → export → report."""
-    from gradelab.batch import grade_batch
+    from gradelab.grading.batch import grade_batch
     from gradelab.publish import export_grades, write_reports
-    from gradelab.release import release as do_release
+    from gradelab.release.build import release as do_release
 
     report_ = do_release(project)
     console.print(f"[green]1. released[/] {len(report_.files)} files in {report_.seconds:.1f} s "
@@ -207,7 +207,7 @@ def gradescope(project: Path, submission: Path, results: Path) -> None:
     Any failure to grade (no notebook, several, a broken file, the grader's own error) still
     writes a results.json: a score of 0 and a message that says why.
     """
-    from gradelab.gradescope import grade_for_gradescope, write_results
+    from gradelab.grading.gradescope import grade_for_gradescope, write_results
 
     document = grade_for_gradescope(project, submission)
     write_results(document, results)

@@ -12,7 +12,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, NonNegative
                       field_validator, model_validator)
 
 from gradelab.errors import GradelabError
-from gradelab.models import QuestionKind, Visibility
+from gradelab.boundary.records import QuestionKind, Visibility
 
 QUESTION_ID = re.compile(r"^q(\d+|b)_\d+$")
 QUESTION_OF_GRADE_ID = re.compile(r"^(q(?:\d+|b)_\d+)_")

@@ -19,9 +19,9 @@ from click.testing import CliRunner, Result
 
 from gradelab.cli import main
 from gradelab.config import CONFIG_FILE, load_config
-from gradelab.gradebook import GRADEBOOK_FILE, Gradebook
-from gradelab.models import QuestionScore, SubmissionResult
-from gradelab.models import TestOutcome as Outcome  # a Test* name would be collected by pytest
+from gradelab.grading.gradebook import GRADEBOOK_FILE, Gradebook
+from gradelab.boundary.records import QuestionScore, SubmissionResult
+from gradelab.boundary.records import TestOutcome as Outcome  # a Test* name would be collected by pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # student id -> fraction of each automatic question's points (Canvas ids: no roster needed)

@@ -16,8 +16,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from gradelab import collect as collect_module
-from gradelab.collect import CollectReport, collect
+from gradelab.grading import collect as collect_module
+from gradelab.grading.collect import CollectReport, collect
 
 NOTEBOOK_NAME = "vanishing_gradients.ipynb"
 

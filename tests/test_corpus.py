@@ -24,10 +24,10 @@ from types import ModuleType
 import pytest
 import yaml
 
-from gradelab.grading import Grader, Project
-from gradelab.models import QuestionScore, SubmissionResult
-from gradelab.models import TestOutcome as HiddenTestOutcome  # not collected as a test class
-from gradelab.sandbox import UID_BASE
+from gradelab.grading.supervisor import Grader, Project
+from gradelab.boundary.records import QuestionScore, SubmissionResult
+from gradelab.boundary.records import TestOutcome as HiddenTestOutcome  # not collected as a test class
+from gradelab.sandbox.launch import UID_BASE
 
 pytestmark = pytest.mark.slow
 

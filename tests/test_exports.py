@@ -18,8 +18,8 @@ from pydantic import ValidationError
 from gradelab.config import LatePolicy, LmsSettings
 from gradelab.publish.exports import export, load_results
 from gradelab.publish.late import apply_late, assess
-from gradelab.models import LateInfo, QuestionScore, SubmissionResult
-from gradelab.models import TestOutcome as Outcome  # a Test* name would be collected by pytest
+from gradelab.boundary.records import LateInfo, QuestionScore, SubmissionResult
+from gradelab.boundary.records import TestOutcome as Outcome  # a Test* name would be collected by pytest
 from gradelab.publish.roster import RosterEntry, load_roster, match
 
 from lms_import_rules import blackboard_import, canvas_import, moodle_import, parse_canvas

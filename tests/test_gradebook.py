@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gradelab.gradebook import Gradebook
+from gradelab.grading.gradebook import Gradebook
 # Imported under another name: pytest would try to collect a class called Test*.
-from gradelab.models import FigureSummary, LateInfo, QuestionScore, SubmissionResult
-from gradelab.models import TestOutcome as Outcome
+from gradelab.boundary.records import FigureSummary, LateInfo, QuestionScore, SubmissionResult
+from gradelab.boundary.records import TestOutcome as Outcome
 
 # spawn: each child opens its own connection, as separate grading processes would.
 SPAWN = multiprocessing.get_context("spawn")

@@ -14,9 +14,9 @@ import nbformat
 import pytest
 
 from gradelab.config import ConfigError, load_config
-from gradelab.gradescope import NoNotebook, failure_document, results_document, submitted_notebook
-from gradelab.models import SubmissionResult
-from gradelab.models import TestOutcome as Outcome  # not "Test*": pytest would try to collect it
+from gradelab.grading.gradescope import NoNotebook, failure_document, results_document, submitted_notebook
+from gradelab.boundary.records import SubmissionResult
+from gradelab.boundary.records import TestOutcome as Outcome  # not "Test*": pytest would try to collect it
 from student_notebooks import NOTEBOOK, reference_notebook
 
 ROOT = Path(__file__).resolve().parents[1]

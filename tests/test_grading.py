@@ -16,10 +16,10 @@ from click.testing import CliRunner
 
 from gradelab.cli import main
 from gradelab.config import load_config
-from gradelab.environment import HiddenPythonError
-from gradelab.grading import Grader, Project
-from gradelab.notebook import load_submission
-from gradelab.sandbox import UID_BASE, probe_layers
+from gradelab.grading.environment import HiddenPythonError
+from gradelab.grading.supervisor import Grader, Project
+from gradelab.grading.submission import load_submission
+from gradelab.sandbox.launch import UID_BASE, probe_layers
 
 pytestmark = pytest.mark.slow
 
@@ -221,7 +221,7 @@ def test_functions_that_end_the_process_cost_only_their_own_tests(grader, root, 
 
 
 def test_messages_name_what_the_value_is():
-    from gradelab.testing import _problem_from, assert_tensor_close, expect_number, expect_tensor
+    from gradelab.hidden.testing import _problem_from, assert_tensor_close, expect_number, expect_tensor
 
     with pytest.raises(AssertionError, match=r"^d should be a torch.Tensor, got a str \('1 2 3'\)$"):
         expect_tensor("1 2 3", "d")
@@ -287,7 +287,7 @@ def test_a_virtual_environment_under_tmp_is_refused_up_front(root, tmp_path, mon
 
 @pytest.mark.skipif(probe_layers()["uid"] != "available", reason="the sandbox uid needs root")
 def test_folders_the_sandbox_uid_cannot_enter_or_that_are_hidden_are_named(root):
-    from gradelab.environment import unreachable
+    from gradelab.grading.environment import unreachable
 
     outer = Path(tempfile.mkdtemp(dir="/var/tmp"))
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from gradelab.grading import Grader, Project
+from gradelab.grading.supervisor import Grader, Project
 
 pytestmark = pytest.mark.slow
 

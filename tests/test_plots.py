@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from gradelab.plots import (
+from gradelab.hidden.plots import (
     FigureData,
     capture_figure,
     check_gradient_plot,

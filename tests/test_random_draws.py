@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from gradelab import executor
-from gradelab.testing import Normal, Uniform, assert_distribution, distribution_checks
+from gradelab.sandbox import executor
+from gradelab.hidden.testing import Normal, Uniform, assert_distribution, distribution_checks
 
 GLOROT = Normal(0.0, 0.5**0.5)
 UNIFORM = Uniform(-1.0, 1.0)

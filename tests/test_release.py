@@ -13,7 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from gradelab.release import ReleaseError, check_source, release
+from gradelab.release.build import ReleaseError, check_source, release
 from gradelab.config import load_config
 
 ARTEFACTS = ("release", "solutions", "autograder")

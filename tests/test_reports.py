@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from gradelab.models import FigureSummary, LateInfo, QuestionKind, QuestionScore, SubmissionResult
-from gradelab.models import TestOutcome as Outcome  # a Test* name would be collected by pytest
+from gradelab.boundary.records import FigureSummary, LateInfo, QuestionKind, QuestionScore, SubmissionResult
+from gradelab.boundary.records import TestOutcome as Outcome  # a Test* name would be collected by pytest
 from gradelab.publish.feedback import write_feedback
 from gradelab.publish.instructor import write_instructor_report
 from gradelab.publish.review import ManualScore, ReviewSheetError, read_review_sheet, write_review_sheet

@@ -1,4 +1,4 @@
-"""Attacks against gradelab.sandbox: each one must fail while ordinary torch + matplotlib work still runs.
+"""Attacks against gradelab.sandbox.launch: each one must fail while ordinary torch + matplotlib work still runs.
 
 Every sandboxed target writes one JSON observation to a socketpair kept open in the child. A test is
 skipped only when probe_layers() says that every layer able to stop its attack is unavailable here.
@@ -30,7 +30,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from gradelab.sandbox import Limits, Sandbox, probe_layers  # noqa: E402
+from gradelab.sandbox.launch import Limits, Sandbox, probe_layers  # noqa: E402
 
 LAYERS = probe_layers()
 SLOT = 1000 + os.getpid() % 1000  # a uid of our own, even if another test run shares the machine

@@ -1,4 +1,4 @@
-"""gradelab.wire: plain data round-trips, everything else is refused, forged payloads raise WireError."""
+"""gradelab.boundary.wire: plain data round-trips, everything else is refused, forged payloads raise WireError."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradelab.wire import MAX_BYTES, WireError, decode, describe_value, encode, recv_msg, send_msg
+from gradelab.boundary.wire import MAX_BYTES, WireError, decode, describe_value, encode, recv_msg, send_msg
 
 TORCH_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
                 torch.int64, torch.uint8, torch.bool]

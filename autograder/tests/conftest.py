@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradelab import plots
-from gradelab.modelspec import layer, train_logits_batched
-from gradelab.testing import describe_standard, seed_torch
+from gradelab.hidden import plots
+from gradelab.boundary.modelspec import layer, train_logits_batched
+from gradelab.hidden.testing import describe_standard, seed_torch
 
 XOR_INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 XOR_TARGETS = torch.tensor([0.0, 1.0, 1.0, 0.0])

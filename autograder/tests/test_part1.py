@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import weights_over_draws
-from gradelab.modelspec import layer
+from gradelab.boundary.modelspec import layer
 
-from gradelab import plots
-from gradelab.modelspec import activations_between, linear_shapes
-from gradelab.testing import StudentProblem, Uniform, assert_distribution, assert_tensor_close, expect_tensor
-from gradelab.wire import describe_value
+from gradelab.hidden import plots
+from gradelab.boundary.modelspec import activations_between, linear_shapes
+from gradelab.hidden.testing import StudentProblem, Uniform, assert_distribution, assert_tensor_close, expect_tensor
+from gradelab.boundary.wire import describe_value
 
 ARCHITECTURE = [(2, 2)] * 4
 

@@ -4,9 +4,9 @@ import pytest
 from conftest import expected_gradients, weights_over_draws
 from test_part1 import check_architecture
 
-from gradelab import plots
-from gradelab.modelspec import activations_between
-from gradelab.testing import Normal, assert_distribution
+from gradelab.hidden import plots
+from gradelab.boundary.modelspec import activations_between
+from gradelab.hidden.testing import Normal, assert_distribution
 
 # question, notebook variables of the model and the figure, the cell that draws it, its activation
 PLOTS = [

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from gradelab.config import CONFIG_FILE, load_config
 from gradelab.errors import GradelabError
-from gradelab.gradebook import GRADEBOOK_FILE, Gradebook, ManualScores
-from gradelab.models import SubmissionResult
+from gradelab.grading.gradebook import GRADEBOOK_FILE, Gradebook, ManualScores
+from gradelab.boundary.records import SubmissionResult
 from gradelab.publish.exports import ExportReport, ExportTarget, export
 from gradelab.publish.feedback import write_feedback
 from gradelab.publish.instructor import write_instructor_report

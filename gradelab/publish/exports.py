@@ -17,7 +17,7 @@ from typing import Literal
 
 from gradelab.config import LatePolicy, LmsSettings
 from gradelab.errors import GradelabError
-from gradelab.models import LateInfo, SubmissionResult
+from gradelab.boundary.records import LateInfo, SubmissionResult
 from gradelab.publish.late import apply_late, assess, format_points
 from gradelab.publish.roster import MatchRule, RosterEntry, match
 

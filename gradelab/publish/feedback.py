@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gradelab.models import SubmissionResult, TestOutcome
+from gradelab.boundary.records import SubmissionResult, TestOutcome
 from gradelab.publish.late import apply_late, format_duration, is_late
 from gradelab.publish.pages import NOT_PASSED, TEMPLATES, Panel, QuestionInfo, plot_panels, png_uri
 

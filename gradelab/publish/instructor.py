@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from gradelab.models import SubmissionResult, TestOutcome
+from gradelab.boundary.records import SubmissionResult, TestOutcome
 from gradelab.publish.feedback import FEEDBACK_FILE
 from gradelab.publish.late import is_late
 from gradelab.publish.pages import NOT_PASSED, TEMPLATES, Panel, QuestionInfo, data_uri, plot_panels

@@ -13,7 +13,7 @@ import math
 from datetime import UTC, datetime, timedelta
 
 from gradelab.config import LatePolicy
-from gradelab.models import LateInfo, SubmissionResult
+from gradelab.boundary.records import LateInfo, SubmissionResult
 
 SECONDS_PER_DAY = 86_400.0
 

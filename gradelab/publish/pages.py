@@ -15,7 +15,7 @@ from typing import Protocol
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from gradelab.models import QuestionKind
+from gradelab.boundary.records import QuestionKind
 from gradelab.publish.late import format_points
 
 FIGURES_DIR = "figures"  # <student>/figures/<question>[_<figure>]_{student,reference}.png

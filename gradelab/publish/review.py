@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from gradelab.errors import GradelabError
-from gradelab.models import SubmissionResult
+from gradelab.boundary.records import SubmissionResult
 from gradelab.publish.csvfiles import read_records
 from gradelab.publish.late import format_points
 from gradelab.publish.pages import TEMPLATES, QuestionInfo

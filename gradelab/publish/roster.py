@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from gradelab.errors import GradelabError
-from gradelab.models import SubmissionResult
+from gradelab.boundary.records import SubmissionResult
 from gradelab.publish.csvfiles import read_records
 
 MatchRule = Literal["canvas_id", "sis_user_id", "moodle_id", "email", "id_number", "name"]

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from gradelab import sandbox
+from gradelab.sandbox import launch as sandbox
 from gradelab.errors import GradingEnvironmentError
 
 # What the sandbox may load from disk after it forks: the notebook's packages. gradelab itself is

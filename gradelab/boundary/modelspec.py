@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradelab.wire import describe_value
+from gradelab.boundary.wire import describe_value
 
 # Layers a rebuilt model may contain, with the constructor arguments that define them.
 ACTIVATIONS: dict[str, tuple[str, ...]] = {

@@ -29,8 +29,10 @@ import torch  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from torch import nn  # noqa: E402
 
-from gradelab import plots, wire  # noqa: E402
-from gradelab.modelspec import build_standard, describe_module, resolve_torch_arg  # noqa: E402
+from gradelab.hidden import plots  # noqa: E402
+
+from gradelab.boundary import wire  # noqa: E402
+from gradelab.boundary.modelspec import build_standard, describe_module, resolve_torch_arg  # noqa: E402
 
 REFUSED_MAGICS = ("pip", "conda", "mamba", "sx", "system", "bash", "sh", "script", "perl", "ruby",
                   "python2", "python3", "pypy", "writefile", "load_ext", "run")

@@ -246,7 +246,7 @@ def release(root: Path, *, reference_data: bool = True) -> ReleaseReport:
     """Regenerate release/, solutions/ and autograder/ from source/ and grading_config.yml."""
     import time
 
-    from gradelab import refdata
+    from gradelab.release import refdata
 
     started = time.monotonic()
     root = Path(root).resolve()

@@ -23,11 +23,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from gradelab.collect import CollectReport, SubmissionFile, collect
+from gradelab.grading.collect import CollectReport, SubmissionFile, collect
 from gradelab.config import CONFIG_FILE, load_config
 from gradelab.errors import GradelabError, RefusedError
-from gradelab.gradebook import GRADEBOOK_FILE, Gradebook
-from gradelab.models import SubmissionResult
+from gradelab.grading.gradebook import GRADEBOOK_FILE, Gradebook
+from gradelab.boundary.records import SubmissionResult
 from gradelab.publish.late import assess
 
 _worker_grader = None  # the warm Grader of this worker process
@@ -40,7 +40,7 @@ class NothingToGrade(GradelabError):
 
 def _init_worker(project_root: str, require_sandbox: bool, slots) -> None:
     global _worker_grader
-    from gradelab.grading import Grader, Project
+    from gradelab.grading.supervisor import Grader, Project
 
     with slots.get_lock():
         slot = slots.value
@@ -101,7 +101,7 @@ def grade_batch(source: Path, out_dir: Path, *, project: Path, workers: int | No
     project = Path(project).resolve()
     config = load_config(project / CONFIG_FILE)
     if require_sandbox:
-        from gradelab.sandbox import probe_layers  # no torch import: safe before forking workers
+        from gradelab.sandbox.launch import probe_layers  # no torch import: safe before forking workers
 
         if missing := [f"{n} ({s})" for n, s in probe_layers().items() if s != "available"]:
             raise RefusedError(f"--require-sandbox: isolation layers not available here: {'; '.join(missing)}")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from gradelab.config import GradingConfig
-from gradelab.models import SubmissionResult, Visibility
+from gradelab.boundary.records import SubmissionResult, Visibility
 
 # From "shown at once" to "never shown": a question's setting may only make a test less visible.
 VISIBILITY_ORDER: tuple[Visibility, ...] = ("visible", "after_due_date", "after_published", "hidden")
@@ -64,7 +64,7 @@ def failure_document(why: str, seconds: float) -> dict:
 def grade_for_gradescope(project_dir: Path, submission: Path) -> dict:
     """Grade `submission` (Gradescope's submission folder, or one notebook) with the project in
     `project_dir`; any failure becomes a failure document instead of an exception."""
-    from gradelab.grading import Grader, Project
+    from gradelab.grading.supervisor import Grader, Project
 
     started = time.monotonic()
     try:

@@ -30,10 +30,18 @@ from pathlib import Path
 import nbformat
 import torch
 
-from gradelab import environment, executor, sandbox, testing, wire
+from gradelab.grading import environment
+
+from gradelab.sandbox import executor
+
+from gradelab.sandbox import launch as sandbox
+
+from gradelab.hidden import testing
+
+from gradelab.boundary import wire
 from gradelab.config import CONFIG_FILE, GradingConfig, load_config, question_of
-from gradelab.models import FigureSummary, QuestionScore, SubmissionResult, TestOutcome
-from gradelab.notebook import BrokenNotebook, Submission, load_submission
+from gradelab.boundary.records import FigureSummary, QuestionScore, SubmissionResult, TestOutcome
+from gradelab.grading.submission import BrokenNotebook, Submission, load_submission
 
 REFERENCE_MODULE = "reference_solutions"
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 if sys.byteorder != "little":  # blobs are raw little-endian bytes; torch.frombuffer has no byte order
-    raise ImportError("gradelab.wire needs a little-endian machine")
+    raise ImportError("gradelab.boundary.wire needs a little-endian machine")
 
 MAX_DEPTH = 32
 MAX_BYTES = 64 << 20

@@ -33,8 +33,10 @@ import pytest
 import torch
 from _pytest.main import pytest_runtestloop as run_collected_tests  # pytest's own loop, run per runner
 
-from gradelab import modelspec, wire
-from gradelab.models import TestOutcome, TestStatus
+from gradelab.boundary import modelspec
+
+from gradelab.boundary import wire
+from gradelab.boundary.records import TestOutcome, TestStatus
 
 ARTIFACT_NAME = re.compile(r"^[a-z0-9_]{1,80}_(student|reference)\.png$")
 

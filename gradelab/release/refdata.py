@@ -39,7 +39,7 @@ def load_reference(solutions_dir: Path):
 
 def dying_depth(ref, activation: type[nn.Module]) -> int | None:
     """The reference's smallest_dying_depth, refused when a median gradient is near the threshold."""
-    from gradelab.release import ReleaseError
+    from gradelab.release.build import ReleaseError
 
     with torch.random.fork_rng(devices=[]):
         depths = [ref.smallest_dying_depth(activation(), threshold=DYING_THRESHOLD * factor)

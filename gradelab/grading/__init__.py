@@ -1,0 +1,1 @@
+"""The trusted supervisor side: grading one submission and whole batches."""

@@ -1,0 +1,1 @@
+"""Release time, on the instructor's machine: checks, student notebook, reference data, bundle."""

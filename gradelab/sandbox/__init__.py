@@ -1,0 +1,1 @@
+"""The untrusted side: the sandbox process S that runs a student's notebook."""
