@@ -7,16 +7,16 @@
 
 What is simulated, exactly as in grading (the released tests in autograder/tests: run `gradelab
 release` after editing source/hidden_tests):
-- Submissions: seeds from gradelab.grading.supervisor.submission_seed (the assignment seed and a file hash);
-  each test's `seed` from gradelab.hidden.testing.seed_for_test with the node id pytest gives it when the
+- Submissions: seeds from gradelab.project.submission_seed (the assignment seed and a file hash);
+  each test's `seed` from gradelab.hidden.plugin.seed_for_test with the node id pytest gives it when the
   test runner collects autograder/tests (found here by the same collection).
-- The student's side: executor.RpcServer on a thread of this process, serving the variant's
+- The student's side: rpc.RpcServer on a thread of this process, serving the variant's
   namespace (its answer cells run with IPython's input transformation, as in the sandbox), reached
-  through a real testing.StudentProxy: the hidden tests' own functions (weights_over_draws,
+  through a real proxy.StudentProxy: the hidden tests' own functions (weights_over_draws,
   matrix_and_vector_draws, xor_models, ...) run unchanged against it. Its `seed_everything` per
   request, per draw of module_draws and per cell (seed + cell index) is the sandbox's.
 - Shortcuts, each checked against the exact path: the weight tests build most of their models by
-  calling the builder directly after executor.seed_everything (the first submissions of every
+  calling the builder directly after running.seed_everything (the first submissions of every
   chunk go the exact way, through the real test function: weights bit-identical, same verdict),
   and the XOR models of many submissions are trained in one call of the tests' own
   train_xor_batched (the first submissions' five models are also trained alone: same accuracies).
@@ -66,10 +66,11 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import make_submissions as ms  # noqa: E402
 
-from gradelab.sandbox import executor  # noqa: E402
+from gradelab.sandbox import executor, rpc, running  # noqa: E402
 
-from gradelab.hidden import testing  # noqa: E402
-from gradelab.grading.supervisor import Project, submission_seed  # noqa: E402
+from gradelab.hidden import distributions, proxy  # noqa: E402
+from gradelab.hidden.plugin import seed_for_test  # noqa: E402
+from gradelab.project import Project, submission_seed  # noqa: E402
 from gradelab.boundary.modelspec import describe_module, layer, resolve_torch_arg  # noqa: E402
 
 PROJECT = Project.load(ROOT)
@@ -174,18 +175,18 @@ SIZES = {"matrix": (5000, 5000, 2), "uniform": (1000, 1000, 2), "glorot": (1000,
 
 
 class LocalSandbox:
-    """executor.RpcServer on a thread, over a socket pair, serving one namespace: the sandbox's
+    """rpc.RpcServer on a thread, over a socket pair, serving one namespace: the sandbox's
     request handling, without the process and its isolation."""
 
     def __init__(self, namespace: dict, sources: dict[int, str]):
         shell = types.SimpleNamespace(user_ns=namespace, transform_cell=_shell().transform_cell)
         runner = types.SimpleNamespace(shell=shell, sources=sources, seed=0)
         server_end, self.client_end = socket.socketpair()
-        threading.Thread(target=executor.RpcServer(runner, server_end).serve, daemon=True).start()
+        threading.Thread(target=rpc.RpcServer(runner, server_end).serve, daemon=True).start()
 
-    def student(self, submission: int) -> testing.StudentProxy:
-        link = testing.SandboxLink(rpc=self.client_end, control=None, call_timeout=600.0)
-        return testing.StudentProxy(link, submission)
+    def student(self, submission: int) -> proxy.StudentProxy:
+        link = proxy.SandboxLink(rpc=self.client_end, control=None, call_timeout=600.0)
+        return proxy.StudentProxy(link, submission)
 
 
 @contextlib.contextmanager
@@ -226,7 +227,7 @@ def namespace_for(variant: Variant, grade_ids: list[str]) -> tuple[dict, dict[in
         index, released = cells[grade_id]
         source = answers.get(grade_id, released)
         sources[index] = source
-        executor.seed_everything(index)
+        running.seed_everything(index)
         with _quiet():
             exec(compiled(source, index), namespace)  # noqa: S102 - the variant's own cell
     return namespace, sources
@@ -290,8 +291,8 @@ def simulate_matrix(sandbox, namespace, sources, subs, _param, nodeids) -> dict:
     cells = [{"index": index, "grade_id": "q1_1_tensors", "status": "ok"}]  # the executed_cells fixture
     no_negative = outside = draws = fails = 0
     for sub in subs:
-        seed = testing.seed_for_test(sub, nodeid)
-        executor.seed_everything(sub + index)  # NotebookRunner.run_cell's seeding of the cell
+        seed = seed_for_test(sub, nodeid)
+        running.seed_everything(sub + index)  # NotebookRunner.run_cell's seeding of the cell
         with _quiet():
             exec(code, namespace)  # noqa: S102 - the variant's own cell
         student = sandbox.student(sub)
@@ -322,9 +323,9 @@ def _direct_weights(builder, activation: str, seed: int, draws: int) -> torch.Te
     argument = resolve_torch_arg(layer(activation))
     weights = []
     for draw in range(draws):
-        executor.seed_everything(seed + draw)
+        running.seed_everything(seed + draw)
         with _quiet():
-            model = executor._call_with_activation_fallback(builder, [argument], {})
+            model = rpc._call_with_activation_fallback(builder, [argument], {})
         weights += [t.flatten() for t in describe_module(model, None)["state"] if t.dim() == 2]
     return torch.cat(weights).to(torch.float64)
 
@@ -341,7 +342,7 @@ def simulate_weights(kind: str):
         fails = 0
         n = None
         for position, sub in enumerate(subs):
-            seed = testing.seed_for_test(sub, nodeids[name])
+            seed = seed_for_test(sub, nodeids[name])
             values = _direct_weights(namespace[builder], activation, seed, draws)
             verdict = any(not c.low <= v <= c.high for c, v in _checked(values, expected))
             if position < VERIFIED_PER_CHUNK:  # the exact path: the proxy, the test's helper, the test itself
@@ -359,7 +360,7 @@ def simulate_weights(kind: str):
                 statistics.setdefault(check.statistic, []).append(value)
             d = values - expected.mean
             sums += [d.numel(), *(float((d**k).sum()) for k in range(1, 9))]
-            for check in testing.distribution_checks(expected, n):
+            for check in distributions.distribution_checks(expected, n):
                 for key, count in _boundary_counts(check, values, expected).items():
                     below[key] = below.get(key, 0) + count
         return {"statistics": statistics, "sums": sums.tolist(), "counts": below, "fails": fails, "n": len(subs),
@@ -367,9 +368,9 @@ def simulate_weights(kind: str):
     return run
 
 
-def _checked(values: torch.Tensor, expected) -> list[tuple[testing.DistributionCheck, float]]:
-    found = testing.distribution_statistics(values, expected)
-    return [(c, found[c.statistic]) for c in testing.distribution_checks(expected, values.numel())]
+def _checked(values: torch.Tensor, expected) -> list[tuple[distributions.DistributionCheck, float]]:
+    found = distributions.distribution_statistics(values, expected)
+    return [(c, found[c.statistic]) for c in distributions.distribution_checks(expected, values.numel())]
 
 
 def _boundary_counts(check, values: torch.Tensor, expected) -> dict[str, int]:
@@ -393,7 +394,7 @@ def simulate_xor(sandbox, _namespace, _sources, subs, _param, nodeids) -> dict:
     models = []
     with _quiet():
         for sub in subs:
-            models += test_part3.xor_models(sandbox.student(sub), testing.seed_for_test(sub, nodeid))
+            models += test_part3.xor_models(sandbox.student(sub), seed_for_test(sub, nodeid))
     accuracy = train_xor_batched(models)
     per_submission = accuracy.reshape(len(subs), test_part3.XOR_SEEDS)
     for position in range(min(len(subs), VERIFIED_PER_CHUNK)):  # as the test trains them: five at a time
@@ -418,7 +419,7 @@ def simulate_kill(sandbox, _namespace, _sources, subs, param, nodeids) -> dict:
     with _quiet():
         for sub in subs:
             after.append(test_part3.first_layer_gradients_around_kill(
-                sandbox.student(sub), activation, testing.seed_for_test(sub, nodeid))[1])
+                sandbox.student(sub), activation, seed_for_test(sub, nodeid))[1])
     fails = sum(a >= test_part3.KILLED_BELOW for a in after)
     return {"after": after, "fails": fails, "n": len(subs), "exact": len(subs)}
 
@@ -435,7 +436,7 @@ def simulate_he(sandbox, _namespace, _sources, subs, param, nodeids) -> dict:
     fails = 0
     with _quiet():
         for sub in subs:
-            changed = test_bonus.he_initialised(sandbox.student(sub), slope, testing.seed_for_test(sub, nodeid))
+            changed = test_bonus.he_initialised(sandbox.student(sub), slope, seed_for_test(sub, nodeid))
             layer_ratios = [float(m.weight.std()) / test_bonus.he_std(slope, m.in_features)
                             for m in (changed[0], changed[2])]
             for store, ratio in zip(ratios, layer_ratios):
@@ -498,7 +499,7 @@ def _normal_quantile_of(value: float, quantile, z_range: float = 12.0) -> float:
 def mean_outside(moments: list[float], n: int, low: float, high: float) -> tuple[float, float]:
     """P(below low), P(above high) for the mean of n values with these raw moments."""
     def quantile(z):
-        return testing.mean_quantile(moments, n, z)
+        return distributions.mean_quantile(moments, n, z)
     normal = NormalDist()
     return normal.cdf(_normal_quantile_of(low, quantile)), 1 - normal.cdf(_normal_quantile_of(high, quantile))
 
@@ -593,7 +594,7 @@ def rows_weights(kind: str, variant: Variant, r: dict) -> list[Row]:
     values_seen = sums[0]
     moments = [s / values_seen for s in sums[1:]]  # E[d^1] .. E[d^8]
     rows, fails, passes = [], [], []
-    for check in testing.distribution_checks(expected, n):
+    for check in distributions.distribution_checks(expected, n):
         simulated = r["statistics"][check.statistic]
         outside_k = sum(not check.low <= v <= check.high for v in simulated)
         note = ""

@@ -418,7 +418,7 @@ LINEAR_XOR = code("""
 """)
 TANH_PLOT_OF_SIGMOID_MODEL = edit(CORRECT["q2_4_plot"], "plot_grad(model_tanh)", "plot_grad(model_sig)")
 
-# ------------------------------------------------------------------ hostile answers (see shared notes sandbox.md §3)
+# ------------------------------------------------------------------ hostile answers (attacks on the grader itself)
 
 ALWAYS_EQUAL = code('''
     class AlwaysEqual:
@@ -653,7 +653,7 @@ POISON_MODULES = joined(code("""
     # Replace whatever a grader might import to check answers by something that accepts anything.
     fake = types.ModuleType("reference_solutions")
     fake.kill_gradients = lambda model: model
-    for name in ("reference_solutions", "conftest", "test_part3", "pytest", "gradelab.hidden.testing"):
+    for name in ("reference_solutions", "conftest", "test_part3", "pytest", "gradelab.hidden"):
         sys.modules[name] = fake
     torch.testing.assert_close = lambda *args, **kwargs: None
 """), edit(CORRECT["q3_1_deep"], "    model.apply(Initializer(target_layer=0, multiplier=10.0))\n",

@@ -83,7 +83,8 @@ def validate(notebook: Path, project: Path, require_sandbox: bool) -> None:
     Exits non-zero when a question is not answered, a cell fails or times out, or a check
     fails, so it works as a pre-submit check and in CI.
     """
-    from gradelab.grading.supervisor import Grader, Project
+    from gradelab.grading.supervisor import Grader
+    from gradelab.project import Project
 
     with Grader(Project.load(project), require_sandbox=require_sandbox) as grader:
         result = grader.grade(notebook, notebook.stem)

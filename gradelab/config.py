@@ -37,7 +37,8 @@ class AssignmentInfo(BaseModel):
 
 
 class Limits(BaseModel):
-    """Resource limits of one submission's sandbox and deadlines of the grader."""
+    """`limits:` of grading_config.yml: deadlines of the grader and the sandbox's resource limits, which
+    the grader turns into the kernel-level gradelab.sandbox.launch.SandboxLimits."""
 
     cell_timeout: float = 30
     test_timeout: float = 30

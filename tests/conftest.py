@@ -31,7 +31,7 @@ def root() -> Path:
 @pytest.fixture(scope="session")
 def reference():
     """The reference solutions as released (solutions/reference_solutions.py)."""
-    from gradelab.release.refdata import load_reference
+    from gradelab.project import load_reference
 
     return load_reference(ROOT / "solutions")
 

@@ -19,7 +19,8 @@ from click.testing import CliRunner, Result
 
 from gradelab.cli import main
 from gradelab.config import CONFIG_FILE, load_config
-from gradelab.grading.gradebook import GRADEBOOK_FILE, Gradebook
+from gradelab.grading.gradebook import Gradebook
+from gradelab.project import GRADEBOOK_FILE
 from gradelab.boundary.records import QuestionScore, SubmissionResult
 from gradelab.boundary.records import TestOutcome as Outcome  # a Test* name would be collected by pytest
 

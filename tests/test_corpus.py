@@ -24,7 +24,8 @@ from types import ModuleType
 import pytest
 import yaml
 
-from gradelab.grading.supervisor import Grader, Project
+from gradelab.grading.supervisor import Grader
+from gradelab.project import Project
 from gradelab.boundary.records import QuestionScore, SubmissionResult
 from gradelab.boundary.records import TestOutcome as HiddenTestOutcome  # not collected as a test class
 from gradelab.sandbox.launch import UID_BASE

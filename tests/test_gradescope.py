@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -129,9 +130,10 @@ def autograder(tmp_path_factory):
     with zipfile.ZipFile(BUNDLE) as bundle:
         bundle.extractall(home / "autograder" / "source")
     # Outside /tmp, as /opt/gradelab/venv is on Gradescope: the sandbox mounts a private /tmp,
-    # which would hide a venv there from the student's code.
-    venv = ROOT / "build" / "gradescope-test-venv"
-    shutil.rmtree(venv, ignore_errors=True)
+    # which would hide a venv there from the student's code (and the checkout may itself be under
+    # /tmp, as CI's fresh clone is). World-readable, as the sandbox's unprivileged user reads it.
+    venv = Path(tempfile.mkdtemp(prefix="gradelab-gradescope-venv-", dir="/var/tmp"))
+    os.chmod(venv, 0o755)
     # This machine's /usr/bin/python3 is 3.11 with venv support, so setup.sh leaves apt alone (on
     # Gradescope's Ubuntu 22.04 it installs python3.11 first). It reaches PyPI only, where pip's
     # configured find-links holds torch's CPU wheel: the CPU index stands in for download.pytorch.org.
@@ -146,7 +148,8 @@ def autograder(tmp_path_factory):
     text = config.read_text(encoding="utf-8")
     text = text.replace("test_visibility: visible", "test_visibility: after_published")
     config.write_text(text.replace("question_visibility: {}", "question_visibility: {q3_3: hidden}"), encoding="utf-8")
-    return home / "autograder", venv
+    yield home / "autograder", venv
+    shutil.rmtree(venv, ignore_errors=True)
 
 
 def _run_autograder(autograder, files: dict[str, str], *, venv: Path | None = None) -> dict:

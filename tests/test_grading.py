@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from gradelab.cli import main
 from gradelab.config import load_config
 from gradelab.grading.environment import HiddenPythonError
-from gradelab.grading.supervisor import Grader, Project
+from gradelab.grading.supervisor import Grader
+from gradelab.project import Project
 from gradelab.grading.submission import load_submission
 from gradelab.sandbox.launch import UID_BASE, probe_layers
 
@@ -221,7 +222,8 @@ def test_functions_that_end_the_process_cost_only_their_own_tests(grader, root, 
 
 
 def test_messages_name_what_the_value_is():
-    from gradelab.hidden.testing import _problem_from, assert_tensor_close, expect_number, expect_tensor
+    from gradelab.hidden import assert_tensor_close, expect_number, expect_tensor
+    from gradelab.hidden.proxy import _problem_from
 
     with pytest.raises(AssertionError, match=r"^d should be a torch.Tensor, got a str \('1 2 3'\)$"):
         expect_tensor("1 2 3", "d")
@@ -286,7 +288,7 @@ def test_a_virtual_environment_under_tmp_is_refused_up_front(root, tmp_path, mon
 
 
 @pytest.mark.skipif(probe_layers()["uid"] != "available", reason="the sandbox uid needs root")
-def test_folders_the_sandbox_uid_cannot_enter_or_that_are_hidden_are_named(root):
+def test_folders_the_sandbox_uid_cannot_enter_or_that_are_hidden_are_named():
     from gradelab.grading.environment import unreachable
 
     outer = Path(tempfile.mkdtemp(dir="/var/tmp"))
@@ -295,11 +297,12 @@ def test_folders_the_sandbox_uid_cannot_enter_or_that_are_hidden_are_named(root)
         locked.mkdir(mode=0o700)
         os.chmod(outer, 0o755)
         os.chmod(locked, 0o700)
-        problems = unreachable([locked, root / "source" / "vanishing_gradients"], hide=[root / "source"], slot=7)
+        hidden = outer / "source"  # as the project's source/ is hidden (the checkout may be under /tmp)
+        (hidden / "vanishing_gradients").mkdir(parents=True)
+        problems = unreachable([locked, hidden / "vanishing_gradients"], hide=[hidden], slot=7)
     finally:
         shutil.rmtree(outer)
     assert problems == [
+        f"{hidden / 'vanishing_gradients'} is inside {hidden}, which the sandbox hides from student code",
         f"{locked} cannot be read by the sandbox's unprivileged user (uid {UID_BASE + 7}): {locked} "
-        f"(mode drwx------, owner uid 0) does not let others in",
-        f"{root / 'source' / 'vanishing_gradients'} is inside {root / 'source'}, which the sandbox hides "
-        f"from student code"]
+        f"(mode drwx------, owner uid 0) does not let others in"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradelab.boundary.modelspec import ModelSpecError, describe_module, rebuild, train_logits_batched
+from gradelab.boundary.modelspec import ModelSpecError, describe_module, rebuild
+from gradelab.hidden.training import train_logits_batched
 
 XOR_X = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 XOR_Y = torch.tensor([0.0, 1.0, 1.0, 0.0])

@@ -9,7 +9,8 @@ from __future__ import annotations
 import nbformat
 import pytest
 
-from gradelab.grading.supervisor import Grader, Project
+from gradelab.grading.supervisor import Grader
+from gradelab.project import Project
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from gradelab.sandbox import executor
-from gradelab.hidden.testing import Normal, Uniform, assert_distribution, distribution_checks
+from gradelab.sandbox.rpc import RpcServer
+from gradelab.hidden.distributions import Normal, Uniform, assert_distribution, distribution_checks
 
 GLOROT = Normal(0.0, 0.5**0.5)
 UNIFORM = Uniform(-1.0, 1.0)
@@ -78,10 +78,10 @@ def test_wrong_samples_fail_with_what_was_found():
     assert _message(torch.tensor([0.1, float("nan")]), GLOROT) == "1 of build_model's weights are not finite numbers"
 
 
-def _server(namespace: dict, sources: dict[int, str]) -> executor.RpcServer:
+def _server(namespace: dict, sources: dict[int, str]) -> RpcServer:
     runner = types.SimpleNamespace(shell=types.SimpleNamespace(user_ns=namespace, transform_cell=lambda source: source),
                                    sources=sources, seed=0)
-    return executor.RpcServer(runner, sock=None)
+    return RpcServer(runner, sock=None)
 
 
 def test_redraw_runs_a_cell_again_with_other_seeds_and_leaves_the_notebook_alone():

@@ -13,7 +13,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from gradelab.release.build import ReleaseError, check_source, release
+from gradelab.release.build import release
+from gradelab.release.checks import ReleaseError, check_source
 from gradelab.config import load_config
 
 ARTEFACTS = ("release", "solutions", "autograder")

@@ -30,7 +30,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from gradelab.sandbox.launch import Limits, Sandbox, probe_layers  # noqa: E402
+from gradelab.sandbox.launch import SandboxLimits, Sandbox, probe_layers  # noqa: E402
 
 LAYERS = probe_layers()
 SLOT = 1000 + os.getpid() % 1000  # a uid of our own, even if another test run shares the machine
@@ -81,7 +81,7 @@ def benign_work() -> dict:
             "png_bytes": os.path.getsize("/tmp/plot.png")}
 
 
-def run_attack(attack: Callable[[], object], *, limits: Limits = Limits(), hide: tuple[Path, ...] = (),
+def run_attack(attack: Callable[[], object], *, limits: SandboxLimits = SandboxLimits(), hide: tuple[Path, ...] = (),
                timeout: float = 30) -> Outcome:
     ours, theirs = socket.socketpair()
 
@@ -145,7 +145,7 @@ def test_require_succeeds_with_every_layer_active() -> None:
         theirs.sendall(json.dumps(benign_work()).encode())
         return 0
 
-    sandbox = Sandbox.spawn(target, limits=Limits(), slot=SLOT, keep_fds=[theirs.fileno()], require=True)
+    sandbox = Sandbox.spawn(target, limits=SandboxLimits(), slot=SLOT, keep_fds=[theirs.fileno()], require=True)
     theirs.close()
     try:
         assert sandbox.layers == {key: "active" for key in LAYERS}
@@ -176,7 +176,7 @@ def test_target_exception_exits_70() -> None:
     def target() -> int:
         raise ValueError("boom")
 
-    sandbox = Sandbox.spawn(target, limits=Limits(), slot=SLOT)
+    sandbox = Sandbox.spawn(target, limits=SandboxLimits(), slot=SLOT)
     try:
         assert sandbox.wait(30) == 70
     finally:
@@ -303,7 +303,7 @@ def test_fork_bomb_is_stopped() -> None:
 
     outcome = run_attack(attack)
     assert outcome.observation["attack"]["error"] == "EAGAIN", outcome.observation
-    assert outcome.observation["attack"]["forked"] < Limits().pids
+    assert outcome.observation["attack"]["forked"] < SandboxLimits().pids
     assert_benign_ran(outcome)
 
 
@@ -322,7 +322,7 @@ def test_growing_memory_is_oom_killed() -> None:
             hoard.append(b"x" * (32 << 20))
         return len(hoard)
 
-    outcome = run_attack(attack, limits=Limits(memory_mb=512))  # a sandbox still alive after 30 s fails it
+    outcome = run_attack(attack, limits=SandboxLimits(memory_mb=512))  # a sandbox still alive after 30 s fails it
     assert outcome.observation is None
     assert outcome.status == -9
     assert outcome.oom_killed
@@ -422,7 +422,7 @@ def test_open_files_stop_at_the_limit() -> None:
     outcome = run_attack(attack)
     observed = outcome.observation["attack"]
     assert observed["error"] == "EMFILE", observed
-    assert observed["opened"] < Limits().open_files
+    assert observed["opened"] < SandboxLimits().open_files
     assert_benign_ran(outcome)
 
 
@@ -454,7 +454,7 @@ def test_infinite_loop_is_killed_and_cgroups_removed() -> None:
         while True:
             pass
 
-    sandbox = Sandbox.spawn(target, limits=Limits(), slot=SLOT)
+    sandbox = Sandbox.spawn(target, limits=SandboxLimits(), slot=SLOT)
     try:
         dirs = [d for d in v1_cgroup_dirs(sandbox.pid) if d.name.startswith("gradelab-")]
         assert sandbox.wait(timeout=1) is None

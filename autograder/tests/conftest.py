@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradelab.hidden import plots
-from gradelab.boundary.modelspec import layer, train_logits_batched
-from gradelab.hidden.testing import describe_standard, seed_torch
+from gradelab.boundary.figures import FigureData
+from gradelab.hidden.plotcheck import figures_in_cell
+from gradelab.hidden import describe_standard, layer, seed_torch, train_logits_batched
 
 XOR_INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 XOR_TARGETS = torch.tensor([0.0, 1.0, 1.0, 0.0])
@@ -30,19 +30,19 @@ def find_figure(figures, executed_cells):
     parsed, raw_names = [], []
     for capture in figures:
         try:
-            parsed.append(plots.FigureData.from_capture(capture))
+            parsed.append(FigureData.from_capture(capture))
         except ValueError:  # pydantic's ValidationError
             continue
         raw_names.append(parsed[-1].names)
     cell_of = {c.get("grade_id"): c["index"] for c in executed_cells if c.get("grade_id")}
 
-    def find(*, grade_id: str | None = None, name: str | None = None) -> plots.FigureData | None:
+    def find(*, grade_id: str | None = None, name: str | None = None) -> FigureData | None:
         if name is not None:
             for fig, names in zip(parsed, raw_names):
                 if name in names:
                     return fig
         if grade_id is not None and grade_id in cell_of:
-            found = plots.figures_in_cell(parsed, cell_of[grade_id])
+            found = figures_in_cell(parsed, cell_of[grade_id])
             return found[0] if found else None
         return None
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradelab.boundary.modelspec import linear_shapes
-from gradelab.hidden.testing import describe_standard, expect_number, seed_torch
+from gradelab.hidden import describe_standard, expect_number, linear_shapes, seed_torch
 from gradelab.boundary.wire import describe_value
 
 PROBE = torch.rand(4, 256, generator=torch.Generator().manual_seed(2))

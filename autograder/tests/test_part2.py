@@ -4,9 +4,9 @@ import pytest
 from conftest import expected_gradients, weights_over_draws
 from test_part1 import check_architecture
 
-from gradelab.hidden import plots
-from gradelab.boundary.modelspec import activations_between
-from gradelab.hidden.testing import Normal, assert_distribution
+from gradelab.boundary.figures import CAPTURE_DPI, render_png
+from gradelab.hidden import plotcheck
+from gradelab.hidden import Normal, activations_between, assert_distribution
 
 # question, notebook variables of the model and the figure, the cell that draws it, its activation
 PLOTS = [
@@ -35,7 +35,7 @@ def _reference_png(fig_name: str, model) -> bytes:
         from vanishing_helpers import plot_grad
 
         figure = plot_grad(model)
-        _REFERENCE_PNGS[fig_name] = plots.capture_figure(figure, cell=0, index=0)["png"]
+        _REFERENCE_PNGS[fig_name] = render_png(figure, CAPTURE_DPI)
         plt.close(figure)
     return _REFERENCE_PNGS[fig_name]
 
@@ -53,7 +53,7 @@ def _check(question, model_name, fig_name, cell, activation, student, find_figur
         raise AssertionError(f"{model_name} cannot be plotted: {exc}") from None
     attach(f"{question}_{fig_name}_reference.png", _reference_png(fig_name, model))
     attach(f"{question}_{fig_name}_student.png", fig.png)
-    verdict = plots.check_gradient_plot(fig, expected_violins=4, expected_grads=grads)
+    verdict = plotcheck.check_gradient_plot(fig, expected_violins=4, expected_grads=grads)
     assert verdict.ok, f"{fig_name}: " + "; ".join(verdict.problems)
 
 
@@ -90,7 +90,7 @@ def test_plot_matches_reference_image(student, find_figure, probe, grading_confi
     assert fig is not None, f"{fig_name}: no figure was produced"
     if fig.helper != "plot_grad":
         return  # drawn another way: judged by its content alone (the tests above)
-    comparison = plots.compare_images(fig.png, _reference_png(fig_name, model), grading_config.plots.image_tolerance)
+    comparison = plotcheck.compare_images(fig.png, _reference_png(fig_name, model), grading_config.plots.image_tolerance)
     assert comparison.passed, f"{fig_name}: {comparison.message}"
 
 

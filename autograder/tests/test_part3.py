@@ -5,8 +5,7 @@ import torch
 from conftest import XOR_INPUTS, classifier_gradients, deep_reference, train_xor_batched
 from torch import nn
 
-from gradelab.boundary.modelspec import activations_between, layer, linear_shapes
-from gradelab.hidden.testing import seed_torch
+from gradelab.hidden import activations_between, layer, linear_shapes, seed_torch
 
 CLASSIFIER_PROBE = torch.rand(8, 10, generator=torch.Generator().manual_seed(1))
 RELU_LINEAR_VISITS = {0: 0, 2: 1, 4: 2, 6: 3}  # Module.apply's visit index -> Linear layer index

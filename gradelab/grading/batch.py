@@ -9,7 +9,6 @@ already graded, and a re-run skips what did not change.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -26,21 +25,27 @@ from rich.table import Table
 from gradelab.grading.collect import CollectReport, SubmissionFile, collect
 from gradelab.config import CONFIG_FILE, load_config
 from gradelab.errors import GradelabError, RefusedError
-from gradelab.grading.gradebook import GRADEBOOK_FILE, Gradebook
+from gradelab.grading.gradebook import Gradebook
+from gradelab.project import GRADEBOOK_FILE, RESULTS_FILE, SUMMARY_FILE, ResultsDir, file_hash
 from gradelab.boundary.records import SubmissionResult
 from gradelab.publish.late import assess
 
 _worker_grader = None  # the warm Grader of this worker process
+_worker_progress = None  # this batch's progress flags (see _run_pool), shared with the parent
 SKIPPED_SHOWN = 5  # skipped entries named in the "nothing to grade" message
+WORKER_DEATHS = 2  # deaths of the grading worker on one submission before it is reported, not retried
+_QUEUED, _STARTED, _FINISHED = 0, 1, 2  # a submission's progress flag
 
 
 class NothingToGrade(GradelabError):
     """The submissions hold no notebook to grade; the message says what was found instead."""
 
 
-def _init_worker(project_root: str, require_sandbox: bool, slots) -> None:
-    global _worker_grader
-    from gradelab.grading.supervisor import Grader, Project
+def _init_worker(project_root: str, require_sandbox: bool, slots, progress) -> None:
+    global _worker_grader, _worker_progress
+    _worker_progress = progress
+    from gradelab.grading.supervisor import Grader
+    from gradelab.project import Project
 
     with slots.get_lock():
         slot = slots.value
@@ -51,14 +56,17 @@ def _init_worker(project_root: str, require_sandbox: bool, slots) -> None:
         _worker_grader = exc      # only breaks the pool: "the grading worker died")
 
 
-def _grade_in_worker(path: str, student_id: str, out_dir: str) -> str:
+def _grade_in_worker(index: int, path: str, student_id: str, out_dir: str) -> str:
+    _worker_progress[index] = _STARTED
+    result = _grade(path, student_id, out_dir)
+    _worker_progress[index] = _FINISHED
+    return result
+
+
+def _grade(path: str, student_id: str, out_dir: str) -> str:
     if isinstance(_worker_grader, GradelabError):
         raise _worker_grader
     return _worker_grader.grade(Path(path), student_id, out_dir=Path(out_dir)).model_dump_json()
-
-
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass
@@ -110,7 +118,7 @@ def grade_batch(source: Path, out_dir: Path, *, project: Path, workers: int | No
     if not collected.submissions:
         raise _nothing_to_grade(Path(source), collected)
     summary = BatchSummary(out_dir=out_dir, collected=collected)
-    with Gradebook(out_dir / GRADEBOOK_FILE) as gradebook:
+    with Gradebook(ResultsDir(out_dir).gradebook) as gradebook:
         todo = []
         for sub in collected.submissions:
             if only and sub.student_id not in only:
@@ -126,7 +134,7 @@ def grade_batch(source: Path, out_dir: Path, *, project: Path, workers: int | No
             _run_pool(todo, project, out_dir, workers, require_sandbox, config, gradebook, summary, console)
         summary.results = [r for r in gradebook.results() if r.student_id in {s.student_id for s in todo}]
     summary.seconds = time.monotonic() - started
-    (out_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2), encoding="utf-8")
+    ResultsDir(out_dir).summary.write_text(json.dumps(summary.to_json(), indent=2), encoding="utf-8")
     print_summary(summary, console)
     return summary
 
@@ -148,35 +156,41 @@ def _late_info(sub: SubmissionFile, config, max_score: float):
 
 
 def _run_pool(todo, project, out_dir, workers, require_sandbox, config, gradebook, summary, console) -> None:
-    slots = multiprocessing.get_context("fork").Value("i", 0)
-    pending = list(todo)
+    """Grade `todo` with a pool of warm workers, rebuilt whenever a worker dies.
+
+    A dead worker breaks the whole pool: every unfinished future fails alike and none says which
+    submission killed it. The workers say it: each flags a submission started, then finished, in an
+    array shared with this process, so after a break those started and not finished were in flight.
+    The others are re-queued uncharged. Those in flight are then graded one at a time by a single
+    worker, so that a death there names its submission for certain: only such a death is charged,
+    and a submission charged WORKER_DEATHS times is reported instead of retried."""
+    fork = multiprocessing.get_context("fork")
+    slots = fork.Value("i", 0)
+    flags = fork.Array("b", len(todo), lock=False)
+    index = {id(s): i for i, s in enumerate(todo)}
+    deaths: dict[str, int] = {}
+    idle_deaths = 0  # breaks with no submission in flight (a worker died starting up)
+    pending, suspects = list(todo), []
     columns = (TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
                TimeRemainingColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}"))
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("grading", total=len(todo), last="")
-        while pending:
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"),
-                                       initializer=_init_worker, initargs=(str(project), require_sandbox, slots))
-            futures: dict[Future, SubmissionFile] = {
-                pool.submit(_grade_in_worker, str(s.path), s.student_id, str(out_dir)): s for s in pending}
-            pending = []
+
+        def save(sub: SubmissionFile, result: SubmissionResult) -> None:
+            result.late = _late_info(sub, config, result.max_score)
+            result.source = sub.original_name
+            gradebook.save(result)
+            progress.update(task, advance=1, last=f"{sub.student_id}: {result.score:g} ({result.status})")
+
+        while pending or suspects:
+            alone = bool(suspects)
+            batch, pending, suspects = (suspects, pending, []) if alone else (pending, [], [])
+            for sub in batch:
+                flags[index[id(sub)]] = _QUEUED
+            pool = ProcessPoolExecutor(max_workers=1 if alone else workers, mp_context=fork, initializer=_init_worker,
+                                       initargs=(str(project), require_sandbox, slots, flags))
             try:
-                while futures:
-                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        sub = futures.pop(future)
-                        try:
-                            result = SubmissionResult.model_validate_json(future.result())
-                        except BrokenProcessPool:
-                            # A worker died (not a sandbox: those are contained); requeue the rest once.
-                            summary.lost.append((sub.student_id, "the grading worker died"))
-                            pending = [s for s in futures.values()]
-                            futures.clear()
-                            break
-                        result.late = _late_info(sub, config, result.max_score)
-                        result.source = sub.original_name
-                        gradebook.save(result)
-                        progress.update(task, advance=1, last=f"{sub.student_id}: {result.score:g} ({result.status})")
+                unfinished = _grade_round(pool, batch, index, out_dir, save)
             except KeyboardInterrupt:
                 summary.interrupted = True
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -184,6 +198,41 @@ def _run_pool(todo, project, out_dir, workers, require_sandbox, config, gradeboo
                 return
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
+            in_flight = [s for s in unfinished if flags[index[id(s)]] == _STARTED]
+            waiting = [s for s in unfinished if flags[index[id(s)]] != _STARTED]
+            (suspects if alone else pending).extend(waiting)
+            if unfinished and not in_flight:
+                idle_deaths += 1
+                if idle_deaths >= WORKER_DEATHS:
+                    why = f"the grading worker died {idle_deaths} times before grading a submission"
+                    summary.lost.extend((s.student_id, why) for s in suspects + pending)
+                    return
+            elif alone and in_flight:  # one worker: the one in flight killed it
+                culprit = in_flight[0]
+                deaths[culprit.student_id] = deaths.get(culprit.student_id, 0) + 1
+                if deaths[culprit.student_id] >= WORKER_DEATHS:
+                    summary.lost.append((culprit.student_id, f"the grading worker died "
+                                         f"{deaths[culprit.student_id]} times on this submission"))
+                else:
+                    suspects.insert(0, culprit)
+            else:
+                suspects.extend(in_flight)
+
+
+def _grade_round(pool, batch, index, out_dir, save) -> list[SubmissionFile]:
+    """Grade `batch` in `pool`, saving each result as it arrives; return what a broken pool left
+    unfinished (nothing when every submission was graded)."""
+    futures: dict[Future, SubmissionFile] = {
+        pool.submit(_grade_in_worker, index[id(s)], str(s.path), s.student_id, str(out_dir)): s for s in batch}
+    while futures:
+        done, _ = wait(futures, return_when=FIRST_COMPLETED)
+        for future in done:
+            try:
+                result = SubmissionResult.model_validate_json(future.result())
+            except BrokenProcessPool:  # a worker died (not a sandbox: those are contained)
+                return list(futures.values())
+            save(futures.pop(future), result)
+    return []
 
 
 def print_summary(summary: BatchSummary, console: Console) -> None:
@@ -207,4 +256,4 @@ def print_summary(summary: BatchSummary, console: Console) -> None:
         slow = ", ".join(f"{r.student_id} {r.grading_time:.1f} s" for r in summary.slowest(3))
         console.print(f"slowest: {slow}")
     console.print(f"done in {summary.seconds:.1f} s; results in {summary.out_dir}/ "
-                  f"(<student>/results.json, {GRADEBOOK_FILE}, summary.json)")
+                  f"(<student>/{RESULTS_FILE}, {GRADEBOOK_FILE}, {SUMMARY_FILE})")

@@ -21,7 +21,6 @@ from types import TracebackType
 
 from gradelab.boundary.records import SubmissionResult
 
-GRADEBOOK_FILE = "gradebook.sqlite"  # in a `gradelab grade --out` folder
 BUSY_TIMEOUT_SECONDS = 60.0  # how long a writer waits for another process's write to finish
 
 _SCHEMA = """

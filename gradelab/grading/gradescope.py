@@ -64,7 +64,8 @@ def failure_document(why: str, seconds: float) -> dict:
 def grade_for_gradescope(project_dir: Path, submission: Path) -> dict:
     """Grade `submission` (Gradescope's submission folder, or one notebook) with the project in
     `project_dir`; any failure becomes a failure document instead of an exception."""
-    from gradelab.grading.supervisor import Grader, Project
+    from gradelab.grading.supervisor import Grader
+    from gradelab.project import Project
 
     started = time.monotonic()
     try:

@@ -4,20 +4,17 @@
       ├─ fork → sandbox S: isolation layers, then the notebook's cells, then RPC (executor.py)
       └─ fork, once → test-runner zygote Z: pytest, the reference, the hidden tests collected
             └─ fork → test runner T: the collected tests, talking to S only through plain data
-                      (testing.py)
+                      (gradelab.hidden; the worker's side of that talk: session.py)
 
 The supervisor enforces the deadlines, restarts S when it dies or hangs (re-executing the
 notebook without the cell that killed it, so one bad cell costs only its own answers), and
-turns T's verdicts into scores. Student code never runs in a process that holds hidden tests,
-reference solutions, or writes scores.
+turns T's verdicts into scores (scoring.py). Student code never runs in a process that holds
+hidden tests, reference solutions, or writes scores.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
-import importlib.util
-import json
 import multiprocessing.util
 import os
 import signal
@@ -30,59 +27,13 @@ from pathlib import Path
 import nbformat
 import torch
 
-from gradelab.grading import environment
-
-from gradelab.sandbox import executor
-
-from gradelab.sandbox import launch as sandbox
-
-from gradelab.hidden import testing
-
 from gradelab.boundary import wire
-from gradelab.config import CONFIG_FILE, GradingConfig, load_config, question_of
-from gradelab.boundary.records import FigureSummary, QuestionScore, SubmissionResult, TestOutcome
+from gradelab.boundary.records import SubmissionResult, TestOutcome
+from gradelab.grading import environment, scoring, session
 from gradelab.grading.submission import BrokenNotebook, Submission, load_submission
-
-REFERENCE_MODULE = "reference_solutions"
-
-
-@dataclass(frozen=True)
-class Project:
-    """Where an assignment's artefacts live (see README, "Layout")."""
-
-    root: Path
-    config: GradingConfig
-
-    @classmethod
-    def load(cls, root: Path) -> "Project":
-        root = Path(root).resolve()
-        return cls(root=root, config=load_config(root / CONFIG_FILE))
-
-    @property
-    def release_dir(self) -> Path:
-        return self.root / "release" / self.config.assignment.id
-
-    @property
-    def release_notebook(self) -> Path:
-        return self.release_dir / self.config.assignment.notebook
-
-    @property
-    def tests_dir(self) -> Path:
-        return self.root / "autograder" / "tests"
-
-    @property
-    def solutions_dir(self) -> Path:
-        return self.root / "solutions"
-
-    def secret_paths(self) -> list[Path]:
-        """What the sandbox must never see."""
-        return [p for p in (self.root / "autograder", self.solutions_dir, self.root / "source",
-                            self.root / CONFIG_FILE) if p.exists()]
-
-
-def submission_seed(base: int, content_hash: str) -> int:
-    """Same file, same seed: grading is deterministic; another file gets other hidden inputs."""
-    return int.from_bytes(hashlib.sha256(f"{base}:{content_hash}".encode()).digest()[:4], "little")
+from gradelab.project import Project, file_hash, submission_seed
+from gradelab.sandbox import executor
+from gradelab.sandbox import launch as sandbox
 
 
 @dataclass
@@ -115,7 +66,7 @@ class Grader:
 
     def __init__(self, project: Project, *, slot: int = 0, require_sandbox: bool = False):
         # One thread before any torch op: forked children of a process that ran a multi-threaded
-        # op deadlock in libgomp (see docs of the sandbox study), and small ops gain nothing.
+        # op hang in libgomp's barrier (its worker threads do not survive the fork), and small ops gain nothing.
         torch.set_num_threads(1)
         self.project = project
         self.config = project.config
@@ -124,11 +75,11 @@ class Grader:
         # Before anything else: a Python the sandbox cannot read fails every cell, not a student.
         environment.check(hide=project.secret_paths(), slot=slot)
         self.python_trees = environment.python_trees()
-        self.limits = sandbox.Limits(
+        self.limits = sandbox.SandboxLimits(
             memory_mb=self.config.limits.memory_mb, pids=self.config.limits.processes,
             open_files=self.config.limits.open_files, file_size_mb=self.config.limits.file_size_mb,
             cpu_seconds=int(self.config.limits.submission_timeout) + 60)
-        self.release = nbformat.read(project.release_notebook, as_version=4)
+        self.release_notebook = nbformat.read(project.release_notebook, as_version=4)
         # The student-facing helper files are copied into each sandbox's private /tmp.
         self.helper_files = {p.name: p.read_bytes() for p in sorted(project.release_dir.glob("*.py"))}
         self.layers = sandbox.probe_layers()
@@ -138,7 +89,7 @@ class Grader:
                                        + "; ".join(f"{n} ({s})" for n, s in missing.items()))
         self.shell = executor.make_shell()
         _warm_up()
-        self.runners = _TestRunners(project)
+        self.runners = session.TestRunners(project, close_fds_except=sandbox.close_fds_except)
         # Sandboxes of finished submissions: killed, reaped before the next spawn (which reuses
         # their cgroup names) or by close(), so that no grading waits for the kernel's teardown.
         self._dying: list[sandbox.Sandbox] = []
@@ -164,20 +115,18 @@ class Grader:
         Gradescope's format, submission.json, the captured figures)."""
         started = time.monotonic()
         path = Path(path)
-        content_hash = hashlib.sha256(path.read_bytes() if path.is_file() else b"").hexdigest()
-        base = dict(student_id=student_id, source=str(path), content_hash=content_hash,
+        base = dict(student_id=student_id, source=str(path), content_hash=file_hash(path),
                     max_score=self.config.max_score)
         try:
-            submission = load_submission(path, self.release)
+            submission = load_submission(path, self.release_notebook)
         except BrokenNotebook as exc:
-            result = SubmissionResult(status="broken", messages=[f"This file could not be graded: {exc}."],
-                                      questions=self._question_scores([]), **base)
+            result = scoring.broken_result(self.config, exc, **base)
             result.grading_time = round(time.monotonic() - started, 3)
             if out_dir:
-                write_result(out_dir / student_id, result)
+                scoring.write_result(out_dir / student_id, result)
             return result
         submission.private_paths = _private_paths(path, out_dir, [*self.python_trees, Path(__file__).parent])
-        seed = submission_seed(self.config.assignment.seed, content_hash)
+        seed = submission_seed(self.config.assignment.seed, base["content_hash"])
         try:
             outcomes, execution, messages = self._grade_executed(submission, seed)
             self._confirm_imports(execution, submission)
@@ -192,25 +141,13 @@ class Grader:
             messages = [f"The grader failed on this submission ({type(exc).__name__}: {exc}); "
                         f"it was not graded and needs the instructor's attention."]
             status = "crashed"
-        messages = submission.problems + _execution_messages(execution) + messages
-        if missing := [n for n, state in self.layers.items() if state != "available"]:
-            messages.append("Sandbox layers not available on this machine: " + ", ".join(missing))
-        result = SubmissionResult(
-            status=status, tests=outcomes, questions=self._question_scores(outcomes),
-            messages=messages, sandbox_layers=dict(self.layers), answers=_answers_by_question(submission),
-            execution_time=round(execution.student_seconds, 3), figure_time=round(execution.figure_seconds, 3),
-            test_time=round(max(0.0, sum(o.duration for o in outcomes) - execution.call_seconds), 3),
-            cell_timeouts=execution.cell_timeouts, call_timeouts=execution.call_timeouts, **base)
-        result.score = round(sum(q.score for q in result.questions), 4)
+        result = scoring.submission_result(self.config, status=status, outcomes=outcomes, execution=execution,
+                                           messages=messages, submission=submission, layers=self.layers, **base)
         student_dir = out_dir / student_id if out_dir else None
-        result.figures = _save_figures(execution.figures, student_dir)
-        if student_dir:
-            for name, png in execution.artifacts.items():
-                (student_dir / "figures").mkdir(parents=True, exist_ok=True)
-                (student_dir / "figures" / name).write_bytes(png)
+        result.figures = scoring.save_figures(execution.figures, execution.artifacts, student_dir)
         result.grading_time = round(time.monotonic() - started, 3)
         if student_dir:
-            write_result(student_dir, result)
+            scoring.write_result(student_dir, result)
         return result
 
     def _confirm_imports(self, execution: Execution, submission: Submission) -> None:
@@ -351,62 +288,21 @@ class Grader:
         return outcomes, execution, messages
 
     def _run_tests(self, rpc, seed, execution, deadline, boxes, submission, lost=None) -> list[TestOutcome]:
-        control_parent, control_runner = socket.socketpair()
-        dead_end = None
-        if rpc is None:  # no sandbox: every request fails at once with `lost`
-            rpc, dead = socket.socketpair()
-            dead.close()
-            dead_end = rpc
-        grade_ids = {c.index: c.grade_id for c in submission.cells}
-        cells = [{**cell, "grade_id": grade_ids.get(index)} for index, cell in sorted(execution.cells.items())]
-        payload = {"seed": seed, "cells": cells, "figures": execution.figures,
-                   "call_timeout": self.config.limits.test_timeout, "sandbox_lost": lost}
+        job = session.runner_job(seed, execution.cells, execution.figures, submission,
+                                 call_timeout=self.config.limits.test_timeout, sandbox_lost=lost)
         try:
-            runner = self.runners.start(payload, rpc, control_runner)
-        finally:
-            control_runner.close()
-            if dead_end is not None:
-                dead_end.close()
-        collected: list[TestOutcome] = []  # every test, as "not finished" until its verdict arrives
-        verdicts: dict[tuple[str, str], TestOutcome] = {}
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise SubmissionTimeout(
-                        f"grading took longer than {self.config.limits.submission_timeout:g} s; "
-                        f"the tests that had not finished score 0", _merge(collected, verdicts), execution)
-                try:
-                    message = wire.recv_msg(control_parent, timeout=remaining, max_bytes=64 << 20)
-                except TimeoutError:
-                    continue
-                except (EOFError, OSError, wire.WireError):
-                    raise RuntimeError("the test runner stopped unexpectedly") from None
-                op = message.get("op")
-                if op == "collected":
-                    collected = [TestOutcome(name=name, question=question, score=0.0, max_score=points,
-                                             status="timeout", visibility=visibility,
-                                             output="not finished before the submission's time limit")
-                                 for name, question, points, visibility in message["tests"]]
-                elif op == "outcome":
-                    outcome = TestOutcome.model_validate(message["outcome"])
-                    verdicts[(outcome.question, outcome.name)] = outcome
-                elif op == "restart":
-                    self._restart_for_runner(control_parent, submission, seed, execution, deadline, boxes)
-                elif op == "death":  # the sandbox stopped answering: say how it ended
-                    wire.send_msg(control_parent, {"why": self._death_cause(boxes[-1]) if boxes else
-                                                   "no exit status known"})
-                elif op == "done":
-                    execution.call_seconds = float(message.get("student_seconds", 0.0))
-                    execution.call_timeouts = int(message.get("call_timeouts", 0))
-                    execution.artifacts = {k: v for k, v in message.get("artifacts", {}).items()
-                                           if testing.ARTIFACT_NAME.match(k) and isinstance(v, bytes)}
-                    return _merge(collected, verdicts)
-                elif op == "failed":
-                    raise RuntimeError(message.get("message", "the hidden tests could not run"))
-        finally:
-            _kill(runner)
-            control_parent.close()
+            end = session.run_tests(
+                self.runners, job, rpc, deadline,
+                restart=lambda control: self._restart_for_runner(control, submission, seed, execution,
+                                                                 deadline, boxes),
+                death_cause=lambda: self._death_cause(boxes[-1]) if boxes else "no exit status known")
+        except session.SessionTimeout as exc:
+            raise SubmissionTimeout(f"grading took longer than {self.config.limits.submission_timeout:g} s; "
+                                    f"the tests that had not finished score 0", exc.outcomes, execution) from None
+        execution.call_seconds = end.student_seconds
+        execution.call_timeouts = end.call_timeouts
+        execution.artifacts = end.artifacts
+        return end.outcomes
 
     def _retire(self, boxes: list) -> None:
         """Kill a submission's live sandboxes now; reap them later (see `_dying`)."""
@@ -430,7 +326,7 @@ class Grader:
 
     def _restart_for_runner(self, control, submission, seed, execution, deadline, boxes) -> None:
         # No count limit: the runner asks again only after a request whose name it then remembers
-        # (testing.StudentProxy), and the submission's deadline bounds the time.
+        # (gradelab.hidden.proxy.StudentProxy), and the submission's deadline bounds the time.
         self._retire(boxes)
         execution.restarts += 1
         # Execution is deterministic: a cell that timed out would time out again.
@@ -448,18 +344,6 @@ class Grader:
         socket.send_fds(control, [b"f"], [rpc.fileno()])
         rpc.close()
 
-    # -------------------------------------------------------------- scores
-
-    def _question_scores(self, outcomes: list[TestOutcome]) -> list[QuestionScore]:
-        scores = []
-        for q in self.config.questions:
-            mine = [o for o in outcomes if o.question == q.id]
-            scores.append(QuestionScore(
-                id=q.id, title=q.title, kind=q.kind, score=round(sum(o.score for o in mine), 4),
-                max_score=q.total, passed=sum(o.status == "passed" for o in mine), total=len(mine),
-                needs_manual=q.manual_points > 0))
-        return scores
-
 
 @dataclass
 class _Stop:
@@ -476,87 +360,15 @@ class SubmissionTimeout(Exception):
         self.execution = execution
 
 
-class _TestRunners:
-    """The worker's test-runner zygote (testing.serve_hidden_tests), started at the first grading
-    and again if it ever stops."""
-
-    def __init__(self, project: Project):
-        self.project = project
-        self.jobs: socket.socket | None = None
-        self.pid = 0
-
-    def start(self, payload: dict, rpc: socket.socket, control: socket.socket) -> int:
-        """Fork a test runner for one submission; return a pidfd of it."""
-        if self.jobs is None:
-            self._spawn()
-        try:
-            wire.send_msg(self.jobs, payload)
-            socket.send_fds(self.jobs, [b"j"], [rpc.fileno(), control.fileno()])
-            reply = wire.recv_msg(self.jobs, timeout=120)  # the first job waits for the collection
-            if not reply.get("ok"):
-                raise RuntimeError(reply.get("message", "the hidden tests could not run"))
-            _, fds, _, _ = socket.recv_fds(self.jobs, 16, 1)
-            return fds[0]
-        except (EOFError, OSError, TimeoutError, wire.WireError) as exc:
-            self.close()
-            raise RuntimeError(f"the hidden tests' runner stopped ({type(exc).__name__})") from None
-
-    def _spawn(self) -> None:
-        worker_end, zygote_end = socket.socketpair()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                sandbox.close_fds_except({zygote_end.fileno()})  # the worker's pool pipes, sockets of other runs
-                code = _zygote_main(self.project, zygote_end)
-            finally:
-                os._exit(code)
-        zygote_end.close()
-        self.jobs, self.pid = worker_end, pid
-
-    def close(self) -> None:
-        if self.jobs is not None:
-            self.jobs.close()
-            self.jobs = None
-            _reap(self.pid)
-
-
-def _zygote_main(project: Project, jobs: socket.socket) -> int:
-    """Process Z: load the reference and the hidden tests once, then fork a runner per submission."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # pytest's own report and warnings are not needed; outcomes go back as data
-    os.dup2(devnull, 2)
-    sys.stdout = sys.stderr = open(os.devnull, "w")  # also when sys.stdout is not fd 1 (inside pytest)
-    template = testing.GradingContext(
-        link=None, seed=0, cells=[], figures=[], reference=_import_reference(project.solutions_dir),
-        reference_data=json.loads((project.solutions_dir / "reference_data.json").read_text()),
-        config=project.config, question_points={q.id: q.points for q in project.config.questions})
-    return testing.serve_hidden_tests(str(project.tests_dir), template, jobs)
-
-
-def _import_reference(solutions_dir: Path):
-    sys.path.insert(0, str(solutions_dir))
-    spec = importlib.util.spec_from_file_location(REFERENCE_MODULE, solutions_dir / f"{REFERENCE_MODULE}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[REFERENCE_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _reap_sandboxes(boxes: list) -> None:
     """Reap killed sandboxes and remove their cgroups."""
     while boxes:
         boxes.pop().cleanup()
 
 
-def _shut_down(dying: list, runners: _TestRunners) -> None:
+def _shut_down(dying: list, runners: session.TestRunners) -> None:
     _reap_sandboxes(dying)
     runners.close()
-
-
-def _merge(collected: list[TestOutcome], verdicts: dict[tuple[str, str], TestOutcome]) -> list[TestOutcome]:
-    """Every collected test, with its verdict where one arrived."""
-    return [verdicts.get((t.question, t.name), t) for t in collected]
 
 
 def _private_paths(path: Path, out_dir: Path | None, needed: list[Path]) -> list[Path]:
@@ -565,73 +377,6 @@ def _private_paths(path: Path, out_dir: Path | None, needed: list[Path]) -> list
     candidates = {path.resolve().parent, *([out_dir.resolve()] if out_dir else [])}
     return sorted(p for p in candidates if p.exists() and p not in (Path("/"), Path("/tmp"))
                   and not any(n.is_relative_to(p) for n in needed))
-
-
-def _answers_by_question(submission: Submission) -> dict[str, str]:
-    answers: dict[str, str] = {}
-    for grade_id, text in submission.answers.items():
-        if qid := question_of(grade_id):
-            answers[qid] = (answers.get(qid, "") + "\n\n" + text).strip()
-    return answers
-
-
-def write_result(student_dir: Path, result: SubmissionResult) -> None:
-    """results.json (Gradescope's format) and submission.json (everything), written atomically."""
-    student_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(result.to_gradescope(), indent=2)),
-                       ("submission.json", result.model_dump_json(indent=2))):
-        tmp = student_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(student_dir / name)
-
-
-def _save_figures(figures: list[dict], student_dir: Path | None) -> list[FigureSummary]:
-    summaries = []
-    for fig in figures:
-        summary = FigureSummary(cell=int(fig.get("cell", -1)), index=int(fig.get("index", 0)),
-                                helper=fig.get("helper") if isinstance(fig.get("helper"), str) else None)
-        png = fig.get("png")
-        if student_dir and isinstance(png, bytes) and png.startswith(b"\x89PNG"):
-            name = f"figures/cell{summary.cell:03d}_{summary.index}.png"
-            (student_dir / "figures").mkdir(parents=True, exist_ok=True)
-            (student_dir / name).write_bytes(png)
-            summary.png = name
-        summaries.append(summary)
-    return summaries
-
-
-def _kill(pidfd: int) -> None:
-    """Stop a test runner (a child of the zygote, so known by a pidfd: never a reused pid)."""
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(pidfd)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-
-
-def _execution_messages(execution: Execution) -> list[str]:
-    messages = []
-    for index in sorted(execution.cells):
-        cell = execution.cells[index]
-        if cell.get("status") in ("timeout", "crashed", "refused"):
-            error = cell.get("error") or {}
-            messages.append(f"Cell {index}: {cell['status']}: {error.get('message', '')}".rstrip(": "))
-    if execution.skipped:
-        messages.append(f"Cells {sorted(execution.skipped)} were skipped when the notebook was run again "
-                        f"after they stopped the process.")
-    return messages
 
 
 def _warm_up() -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gradelab.config import CONFIG_FILE, load_config
 from gradelab.errors import GradelabError
-from gradelab.grading.gradebook import GRADEBOOK_FILE, Gradebook, ManualScores
+from gradelab.grading.gradebook import Gradebook, ManualScores
+from gradelab.project import FEEDBACK_FILE, GRADEBOOK_FILE, Project, ResultsDir
 from gradelab.boundary.records import SubmissionResult
 from gradelab.publish.exports import ExportReport, ExportTarget, export
 from gradelab.publish.feedback import write_feedback
@@ -28,7 +28,7 @@ class NotGradedError(GradelabError):
 
 def _gradebook(results_dir: Path) -> Path:
     """The folder's gradebook; never a new, empty one made by opening a path that is not there."""
-    path = results_dir / GRADEBOOK_FILE
+    path = ResultsDir(results_dir).gradebook
     if not path.is_file():
         raise NotGradedError(f"{results_dir}: no {GRADEBOOK_FILE}, so nothing was graded into it; "
                              f"run `gradelab grade SUBMISSIONS --out {results_dir}` first")
@@ -39,7 +39,7 @@ def _graded(results_dir: Path) -> tuple[list[SubmissionResult], ManualScores]:
     with Gradebook(_gradebook(results_dir)) as gradebook:
         results, manual = gradebook.results(), gradebook.manual_scores()
     if not results:
-        raise NotGradedError(f"{results_dir / GRADEBOOK_FILE} holds no graded submission; "
+        raise NotGradedError(f"{ResultsDir(results_dir).gradebook} holds no graded submission; "
                              f"run `gradelab grade SUBMISSIONS --out {results_dir}` first")
     return results, manual
 
@@ -47,20 +47,21 @@ def _graded(results_dir: Path) -> tuple[list[SubmissionResult], ManualScores]:
 def write_reports(results_dir: Path, project: Path) -> dict[str, Path]:
     """Per-student feedback pages, the instructor report (and its screenshot when Chromium is
     installed), and one review page + editable CSV per manually graded question."""
-    config = load_config(Path(project) / CONFIG_FILE)
+    config = Project.load(project).config
     results, manual = _graded(results_dir)
+    layout = ResultsDir(results_dir)
     for result in results:
-        write_feedback(result, config.questions, student_dir=results_dir / result.student_id,
+        write_feedback(result, config.questions, student_dir=layout.student(result.student_id),
                        manual=manual.get(result.student_id))
-    summary = results_dir / "summary.json"
+    summary = layout.summary
     seconds = json.loads(summary.read_text()).get("seconds") if summary.exists() else None
-    report = write_instructor_report(results, config.questions, out=results_dir / "report.html",
+    report = write_instructor_report(results, config.questions, out=layout.report,
                                      grading_seconds=seconds, results_dir=results_dir)
     sheets = write_review_sheet(results, config.questions, answers={r.student_id: r.answers for r in results},
-                                out_dir=results_dir / "review")
-    paths = {"feedback pages": results_dir / "<student>" / "feedback.html", "instructor report": report,
-             "manual review sheets": results_dir / "review" if sheets else None}
-    png = results_dir / "report.png"
+                                out_dir=layout.review)
+    paths = {"feedback pages": layout.student("<student>") / FEEDBACK_FILE, "instructor report": report,
+             "manual review sheets": layout.review if sheets else None}
+    png = layout.report_png
     if screenshot(report, png):
         paths["report screenshot"] = png
     return {label: path for label, path in paths.items() if path is not None}
@@ -78,7 +79,7 @@ def import_review_sheets(results_dir: Path, sheets: tuple[Path, ...]) -> int:
 
 def export_grades(results_dir: Path, target: ExportTarget, out: Path, *, roster: Path | None,
                   project: Path) -> ExportReport:
-    config = load_config(Path(project) / CONFIG_FILE)
+    config = Project.load(project).config
     results, _ = _graded(results_dir)
     return export(results, target=target, out=out, settings=config.lms,
                   roster=load_roster(roster) if roster else None, late_policy=config.late_policy,

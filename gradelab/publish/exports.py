@@ -17,6 +17,7 @@ from typing import Literal
 
 from gradelab.config import LatePolicy, LmsSettings
 from gradelab.errors import GradelabError
+from gradelab.project import RESULTS_FILE, SUBMISSION_FILE, ResultsDir
 from gradelab.boundary.records import LateInfo, SubmissionResult
 from gradelab.publish.late import apply_late, assess, format_points
 from gradelab.publish.roster import MatchRule, RosterEntry, match
@@ -64,9 +65,9 @@ class ExportReport:
 
 def load_results(out_dir: Path) -> list[SubmissionResult]:
     """Every `<student_id>/submission.json` of a `gradelab grade --out` folder, by folder name."""
-    files = sorted(out_dir.glob("*/submission.json"))
+    files = ResultsDir(out_dir).submission_files()
     if not files:
-        raise FileNotFoundError(f"{out_dir}: no <student_id>/submission.json; is it a `gradelab grade --out` folder?")
+        raise FileNotFoundError(f"{out_dir}: no <student_id>/{SUBMISSION_FILE}; is it a `gradelab grade --out` folder?")
     return [SubmissionResult.model_validate_json(path.read_text(encoding="utf-8")) for path in files]
 
 
@@ -284,7 +285,7 @@ def _write_gradescope(lines: list[_Line], out: Path, report: ExportReport) -> No
         if student_id in {"", ".", ".."} or Path(student_id).name != student_id:
             report.errors.append(f"{student_id!r}: not usable as a folder name")
             continue
-        path = out / student_id / "results.json"
+        path = out / student_id / RESULTS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(line.result.to_gradescope(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         report.files.append(path)

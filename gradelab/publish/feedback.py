@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradelab.boundary.records import SubmissionResult, TestOutcome
+from gradelab.project import FEEDBACK_FILE
 from gradelab.publish.late import apply_late, format_duration, is_late
 from gradelab.publish.pages import NOT_PASSED, TEMPLATES, Panel, QuestionInfo, plot_panels, png_uri
 
-FEEDBACK_FILE = "feedback.html"
 
 _TEST_LABELS = {"passed": "passed", "failed": "failed", "error": "error", "timeout": "timed out",
                 "not_answered": "not answered", "skipped": "skipped"}

@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gradelab.boundary.records import SubmissionResult, TestOutcome
-from gradelab.publish.feedback import FEEDBACK_FILE
+from gradelab.project import FEEDBACK_FILE, ResultsDir
 from gradelab.publish.late import is_late
 from gradelab.publish.pages import NOT_PASSED, TEMPLATES, Panel, QuestionInfo, data_uri, plot_panels
 
@@ -110,7 +110,7 @@ def _plot_failures(results: Sequence[SubmissionResult], questions: Sequence[Ques
                    results_dir: Path, report_dir: Path) -> list[_PlotFailure]:
     failures = []
     for result in sorted(results, key=lambda r: r.student_id):
-        student_dir = results_dir / result.student_id
+        student_dir = ResultsDir(results_dir).student(result.student_id)
         feedback = student_dir / FEEDBACK_FILE
         # Relative, so the report and the feedback pages can move together.
         href = quote(Path(os.path.relpath(feedback, report_dir)).as_posix()) if feedback.is_file() else None

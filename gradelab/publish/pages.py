@@ -15,11 +15,11 @@ from typing import Protocol
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from gradelab.boundary.figures import PNG_SIGNATURE
 from gradelab.boundary.records import QuestionKind
+from gradelab.project import FIGURES_DIR
 from gradelab.publish.late import format_points
 
-FIGURES_DIR = "figures"  # <student>/figures/<question>[_<figure>]_{student,reference}.png
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Statuses that count as "did not pass"; a skipped test is neither passed nor failed.
 NOT_PASSED = frozenset({"failed", "error", "timeout", "not_answered"})
 

@@ -15,32 +15,21 @@ thread). It holds integers and the threshold, no computed float:
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
+from gradelab.project import load_reference
+from gradelab.release.checks import ReleaseError
+
+DEPTH_ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh}  # the activations whose dying depth is recorded
 DYING_THRESHOLD = 1e-6
 DEPTH_MARGIN = 0.1
 
 
-def load_reference(solutions_dir: Path):
-    """Import the extracted reference module (and the helpers beside it)."""
-    if str(solutions_dir) not in sys.path:
-        sys.path.insert(0, str(solutions_dir))
-    spec = importlib.util.spec_from_file_location("reference_solutions", solutions_dir / "reference_solutions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def dying_depth(ref, activation: type[nn.Module]) -> int | None:
     """The reference's smallest_dying_depth, refused when a median gradient is near the threshold."""
-    from gradelab.release.build import ReleaseError
-
     with torch.random.fork_rng(devices=[]):
         depths = [ref.smallest_dying_depth(activation(), threshold=DYING_THRESHOLD * factor)
                   for factor in (1 - DEPTH_MARGIN, 1, 1 + DEPTH_MARGIN)]
@@ -56,5 +45,5 @@ def dying_depth(ref, activation: type[nn.Module]) -> int | None:
 def compute(solutions_dir: Path) -> dict:
     torch.set_num_threads(1)
     ref = load_reference(solutions_dir)
-    depths = {name: dying_depth(ref, activation) for name, activation in ACTIVATIONS.items()}
+    depths = {name: dying_depth(ref, activation) for name, activation in DEPTH_ACTIVATIONS.items()}
     return {"dying_depth": depths, "dying_depth_threshold": DYING_THRESHOLD}

@@ -1,1 +1,16 @@
-"""The untrusted side: the sandbox process S that runs a student's notebook."""
+"""The untrusted side: the sandbox process S that runs a student's notebook, and its launcher.
+
+Which process runs each module:
+
+- launch: the grading worker (the parent side). It creates the cgroups (cgroups), forks the
+  sandbox, reads its layer report, waits for, kills and cleans up after it.
+- layers: the forked children. The intermediate process C joins the cgroups and unshares the
+  namespaces; the sandbox process S (pid 1 of its pid namespace) mounts its private views, sets
+  rlimits, drops to its uid and enters Landlock and seccomp before it runs the target.
+- executor, running, rpc, capture: the sandbox S, once its layers are in place. executor runs the
+  notebook's cells (running: seeding, capped output, error descriptions) and captures figures
+  (capture); rpc then answers the trusted test runner's requests.
+
+These modules import only gradelab.sandbox.*, gradelab.boundary.* and gradelab.errors; the worker
+imports them all before it forks, so S never reads gradelab's files.
+"""

@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import weights_over_draws
-from gradelab.boundary.modelspec import layer
 
-from gradelab.hidden import plots
-from gradelab.boundary.modelspec import activations_between, linear_shapes
-from gradelab.hidden.testing import StudentProblem, Uniform, assert_distribution, assert_tensor_close, expect_tensor
+from gradelab.hidden import plotcheck
+from gradelab.hidden import (StudentProblem, Uniform, activations_between, assert_distribution, assert_tensor_close,
+                             expect_tensor, layer, linear_shapes)
 from gradelab.boundary.wire import describe_value
 
 ARCHITECTURE = [(2, 2)] * 4
@@ -119,7 +118,7 @@ def test_activation_plot(find_figure):
     fig = find_figure(grade_id="q1_2_plot")
     x = np.linspace(-10, 10, 100)
     s = 1 / (1 + np.exp(-x))
-    verdict = plots.check_line_plot(fig, {"sigmoid": (x, s), "sigmoid's gradient": (x, s * (1 - s))}, atol=1e-4)
+    verdict = plotcheck.check_line_plot(fig, {"sigmoid": (x, s), "sigmoid's gradient": (x, s * (1 - s))}, atol=1e-4)
     assert verdict.ok, "; ".join(verdict.problems)
 
 
@@ -150,7 +149,7 @@ def test_comparison_plot(find_figure):
     fig = find_figure(grade_id="q1_3_plot")
     x = np.linspace(-10, 10, 100)
     s = 1 / (1 + np.exp(-x))
-    verdict = plots.check_line_plot(fig, {"gradient from autograd": (x, s * (1 - s)),
+    verdict = plotcheck.check_line_plot(fig, {"gradient from autograd": (x, s * (1 - s)),
                                           "gradient from my_sigmoid_grad": (x, s * (1 - s))}, atol=1e-4)
     assert verdict.ok, "; ".join(verdict.problems)
 

@@ -1,0 +1,156 @@
+"""The per-sandbox cgroups, created, limited and removed by the parent (the grading worker):
+a memory cgroup (whose OOM kills are counted) and a pids cgroup, on cgroup v1 or v2.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import signal
+import time
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gradelab.sandbox.launch import SandboxLimits
+
+CLEANUP_TIMEOUT = 5.0  # seconds remove() keeps trying to empty and remove a cgroup
+
+
+def probe(controller: str) -> str:
+    directory, reason = _own_cgroup_dir(controller)
+    if directory is None:
+        return f"unavailable: {reason}"
+    if not os.access(directory, os.W_OK):
+        return f"unavailable: {directory} is not writable"
+    return "available"
+
+
+@functools.cache
+def _own_cgroup_dir(controller: str) -> tuple[Path | None, str]:
+    """The directory of this process's own cgroup for `controller` (v1 mount, else a v2 mount that
+    delegates the controller to children), or (None, reason)."""
+    memberships = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for name in controllers.split(",") if controllers else ("",):
+            memberships[name] = path
+    mounts = []  # (fstype, super options, mount root, mount point)
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, right = line.split(" - ", 1)
+        fields, (fstype, _, super_options) = left.split(), right.split(" ", 2)
+        if fstype in ("cgroup", "cgroup2"):
+            mounts.append((fstype, super_options.split(","), fields[3], fields[4]))
+    for fstype, options, mount_root, mount_point in mounts:
+        if fstype == "cgroup" and controller in options and controller in memberships:
+            return _mounted_path(mount_point, mount_root, memberships[controller])
+    for fstype, _, mount_root, mount_point in mounts:
+        if fstype == "cgroup2" and "" in memberships:
+            directory, reason = _mounted_path(mount_point, mount_root, memberships[""])
+            if directory is None:
+                return None, reason
+            try:
+                delegated = controller in (directory / "cgroup.subtree_control").read_text().split()
+            except OSError as exc:
+                return None, str(exc)
+            if delegated:
+                return directory, ""
+            return None, f"cgroup v2: {controller} is not enabled in {directory}/cgroup.subtree_control"
+    return None, f"no cgroup hierarchy with the {controller} controller"
+
+
+def _mounted_path(mount_point: str, mount_root: str, cgroup_path: str) -> tuple[Path | None, str]:
+    relative = os.path.relpath(cgroup_path, mount_root)
+    if relative.startswith(".."):
+        return None, f"cgroup {cgroup_path} is outside the mounted hierarchy {mount_root}"
+    directory = Path(mount_point, relative)
+    return (directory, "") if directory.is_dir() else (None, f"{directory} does not exist")
+
+
+def is_v2(directory: Path) -> bool:
+    return (directory / "cgroup.controllers").exists()
+
+
+def write_file(path: Path, value: str) -> None:
+    with open(path, "w") as file:
+        file.write(value)
+
+
+def create(name: str, limits: SandboxLimits, offered: dict[str, str]) -> tuple[dict[str, Path], dict[str, str]]:
+    """Create the child's cgroups: ({controller: directory}, {layer: failure}). On cgroup v2 both
+    controllers share one directory."""
+    directories: dict[str, Path] = {}
+    failures: dict[str, str] = {}
+    for key, controller in (("cgroup_memory", "memory"), ("cgroup_pids", "pids")):
+        if offered[key] != "available":
+            continue
+        parent, _ = _own_cgroup_dir(controller)
+        directory = parent / name
+        shared = directory in directories.values()
+        try:
+            if not shared:
+                with suppress(FileNotFoundError):
+                    os.rmdir(directory)  # left over from a crashed run of the same worker pid and slot
+                directory.mkdir()
+            _set_limit(directory, controller, limits)
+            directories[controller] = directory
+        except OSError as exc:
+            failures[key] = f"failed: {exc}"
+            if not shared:
+                with suppress(OSError):
+                    os.rmdir(directory)
+    return directories, failures
+
+
+def _set_limit(directory: Path, controller: str, limits: SandboxLimits) -> None:
+    if controller == "pids":
+        write_file(directory / "pids.max", str(limits.pids))
+    elif is_v2(directory):
+        write_file(directory / "memory.max", str(limits.memory_mb << 20))
+        if (directory / "memory.swap.max").exists():
+            write_file(directory / "memory.swap.max", "0")
+    else:
+        write_file(directory / "memory.limit_in_bytes", str(limits.memory_mb << 20))
+        if (directory / "memory.memsw.limit_in_bytes").exists():  # only with swap accounting
+            write_file(directory / "memory.memsw.limit_in_bytes", str(limits.memory_mb << 20))
+
+
+def pids(directory: Path) -> list[int]:
+    try:
+        return [int(pid) for pid in (directory / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+def remove(directory: Path) -> None:
+    """Remove an emptied cgroup, killing what is left in it; raises OSError if it stays busy."""
+    deadline = time.monotonic() + CLEANUP_TIMEOUT
+    while True:
+        try:
+            os.rmdir(directory)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+        # Every member is a sandbox process (a fork-bomb straggler without a pid namespace, or one still
+        # exiting): kill them and retry.
+        for pid in pids(directory):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.005)
+
+
+def oom_kills(directory: Path) -> int:
+    name = "memory.events" if is_v2(directory) else "memory.oom_control"
+    try:
+        for line in (directory / name).read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except OSError:
+        pass
+    return 0
