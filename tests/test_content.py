@@ -1,4 +1,4 @@
-"""Issue 2: the instructor notebook runs clean, and each reference answer meets the exercise text."""
+"""The instructor notebook runs clean, and each reference answer meets the exercise text."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Grading one submission: the contract of the engine (issue 3's guarantees, issue 4's format)."""
+"""Grading one submission: the contract of the engine (its guarantees and its result format)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 6: gradient plots graded by content, on real submissions run through the engine.
+"""Gradient plots graded by content, on real submissions run through the engine.
 
 Each case is the reference notebook with only the q2_2 plot cell rewritten, so the other
 questions keep full marks and the q2_2 verdicts show what the plot checks decide.

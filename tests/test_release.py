@@ -1,4 +1,4 @@
-"""Issue 3: the release's guarantees."""
+"""The release's guarantees."""
 
 from __future__ import annotations
 
