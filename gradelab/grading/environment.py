@@ -51,10 +51,6 @@ def python_trees() -> list[Path]:
     return sorted({Path(os.path.realpath(p)) for p in paths if p and os.path.exists(p)})
 
 
-def _within(path: Path, directory: Path) -> bool:
-    return path == directory or directory in path.parents
-
-
 def _lacks(info: os.stat_result, uid: int, need: int) -> bool:
     """Whether the sandbox's uid (its gid is the same number, no other groups) lacks the `need`
     permission bits (stat.S_IROTH / S_IXOTH scale) on a file with `info`."""
@@ -80,11 +76,11 @@ def unreachable(paths: Sequence[Path], *, hide: Sequence[Path], slot: int) -> li
     uid = sandbox.UID_BASE + slot if layers["uid"] == "available" else None
     problems, reported = [], []
     for path in sorted(paths):
-        if any(_within(Path(path), done) for done in reported):
+        if any(Path(path).is_relative_to(done) for done in reported):
             continue  # said already of a folder that holds it
         reported.append(Path(path))
         real = Path(os.path.realpath(path))
-        covering = next((d for d in [*private, *hidden] if _within(real, d)), None)
+        covering = next((d for d in [*private, *hidden] if real.is_relative_to(d)), None)
         if covering in private:
             problems.append(f"{path} is under {covering}, which the sandbox replaces with an empty one of its own")
         elif covering is not None:
@@ -120,7 +116,7 @@ def import_failures(cells: Sequence[dict], trees: Sequence[Path]) -> tuple[list[
         message = str(error.get("message", ""))
         modules.update(m for m in _MISSING_MODULE.findall(message) if _found_in(m, trees))
         files.update(p for p in _PATH.findall(message)
-                     if any(_within(Path(p), t) for t in trees) and os.access(p, os.R_OK))
+                     if any(Path(p).is_relative_to(t) for t in trees) and os.access(p, os.R_OK))
     return sorted(modules), sorted(files)
 
 
@@ -135,7 +131,7 @@ def _found_in(module: str, trees: Sequence[Path]) -> bool:
     except (ImportError, ValueError):
         return False
     origin = spec and (spec.origin or next(iter(spec.submodule_search_locations or []), None))
-    return bool(origin) and any(_within(Path(os.path.realpath(origin)), t) for t in trees)
+    return bool(origin) and any(Path(os.path.realpath(origin)).is_relative_to(t) for t in trees)
 
 
 def probe_target(modules: Sequence[str], files: Sequence[str], report: int):
