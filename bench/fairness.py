@@ -71,6 +71,7 @@ from gradelab.sandbox import executor, rpc, running  # noqa: E402
 from gradelab.hidden import distributions, proxy  # noqa: E402
 from gradelab.hidden.plugin import seed_for_test  # noqa: E402
 from gradelab.project import Project, submission_seed  # noqa: E402
+from gradelab.boundary.messages import CellReport  # noqa: E402
 from gradelab.boundary.modelspec import describe_module, layer, resolve_torch_arg  # noqa: E402
 
 PROJECT = Project.load(ROOT)
@@ -288,7 +289,7 @@ def simulate_matrix(sandbox, namespace, sources, subs, _param, nodeids) -> dict:
     nodeid = nodeids["test_matrix_and_vector"]
     index = _notebook_cells()["q1_1_tensors"][0]
     code = compiled(sources[index], index)
-    cells = [{"index": index, "grade_id": "q1_1_tensors", "status": "ok"}]  # the executed_cells fixture
+    cells = [CellReport(index=index, grade_id="q1_1_tensors", status="ok")]  # the executed_cells fixture
     no_negative = outside = draws = fails = 0
     for sub in subs:
         seed = seed_for_test(sub, nodeid)

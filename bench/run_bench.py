@@ -2,9 +2,10 @@
 
     ./run bench                    # everything below
     ./run bench overhead           # engine overhead per submission (target < 150 ms)
-    ./run bench batch --sizes 50 200 --nbgrader 50
+    ./run bench batch --sizes 50 200 --nbgrader 50 --class-units 2 --class-nbgrader-units 1
     ./run bench notebook           # executing the instructor notebook (target < 60 s)
     ./run bench fairness [--quick] # false-fail and miss rates of the statistical hidden tests (bench/fairness.py)
+    ./run bench cluster [--cluster-size 24]  # local pool vs a loopback Dask cluster (bench/cluster.py)
 
 overhead: grades the untouched release and the reference solution repeatedly with one warm
 worker and splits each grading into the time the sandbox spent in the student's code (cells,
@@ -18,7 +19,11 @@ the attacks on the host (nbgrader has no sandbox: one of them kills it) with `gr
 cores, then one worker) and `nbgrader autograde` (nbgrader's own course layout, same notebooks),
 and its correct submissions alone with both; prints seconds per submission, the ratios, the peak
 memory of each grading worker, how time grows with size, where the workers' time went and the best
-ratio the students' own code allows.
+ratio the students' own code allows. Beside that coverage mix, a class-sized batch in the mix a
+course sees (bench/class_mix.py: mostly correct or nearly correct, every question answered, a few
+wrong, one looping cell per 30), graded whole by gradelab and by nbgrader on whole units of its
+mix (`--class-units`, `--class-nbgrader-units`); for each mix, the ratio to nbgrader and the wall
+time over the physical limit (the students' own code divided over the workers).
 
 notebook: executes the instructor notebook (source/, reference solutions) top to bottom in a fresh
 Jupyter kernel, as a student's "Run All" would, kernel start included.
@@ -62,12 +67,12 @@ class MessageClock:
     turns one grading into the engine's phases."""
 
     def __init__(self):
-        import gradelab.grading.supervisor
+        import gradelab.boundary.wire
 
-        self.module = gradelab.grading.supervisor.wire
+        self.module = gradelab.boundary.wire
         self.read = self.module.recv_msg
         self.events: list[tuple[float, str, dict]] = []
-        self.module.recv_msg = self._timed  # supervisor.py and session.py read through wire.recv_msg
+        self.module.recv_msg = self._timed  # every process's messages.receive reads through wire.recv_msg
 
     def _timed(self, *args, **kwargs):
         message = self.read(*args, **kwargs)
@@ -82,7 +87,7 @@ class MessageClock:
         ended = time.perf_counter()
         at = {name: next(t for t, n, _ in self.events if n == name)
               for name in ("cell_start", "ready", "collected", "done")}
-        cells = sum(m.get("seconds", 0.0) for _, n, m in self.events if n == "cell_end")
+        cells = sum(m["cell"]["seconds"] for _, n, m in self.events if n == "cell_end")
         tests = sum(t.duration for t in result.tests)
         phases = dict(zip(PHASES, (at["cell_start"] - started, at["ready"] - at["cell_start"] - cells,
                                    at["collected"] - at["ready"], at["done"] - at["collected"] - tests,
@@ -252,7 +257,7 @@ def _nbgrader_row(batch: Path, work: Path) -> dict:
     return {"seconds": seconds, "n": n, "per": seconds / max(n, 1)}
 
 
-def bench_batch(sizes: list[int], nbgrader_size: int) -> dict:
+def bench_batch(sizes: list[int], nbgrader_size: int, class_units: int = 0, class_nbgrader_units: int = 0) -> dict:
     from make_submissions import make_batch
 
     rows = {}
@@ -275,6 +280,17 @@ def bench_batch(sizes: list[int], nbgrader_size: int) -> dict:
             answered = _subset(full, tmp / "answered", lambda stem: "_correct_" in stem)
             rows["gradelab correct"] = _gradelab_row(answered, tmp / "out_answered")
             rows["nbgrader correct"] = _nbgrader_row(answered, tmp / "nbgrader_answered")
+        if class_units:
+            from class_mix import UNIT, make_class_batch  # bench/, beside this file
+
+            students = make_class_batch(tmp / "class", class_units)
+            rows["gradelab class"] = _gradelab_row(tmp / "class", tmp / "out_class")
+            if class_nbgrader_units:
+                # nbgrader takes ~10 s per answered notebook: it grades whole units of the mix, whose
+                # seconds per submission stand for the class's.
+                sample = {p.stem for p in students[:class_nbgrader_units * UNIT]}
+                rows["nbgrader class"] = _nbgrader_row(_subset(tmp / "class", tmp / "class_sample", sample.__contains__),
+                                                       tmp / "nbgrader_class")
     print(f"\nBatch grading ({os.cpu_count()} cores; gradelab with one worker per core (1w: one worker), "
           f"nbgrader serial)")
     print(f"{'run':16} {'submissions':>11} {'seconds':>9} {'s/submission':>13} {'peak MB/worker':>15}")
@@ -308,7 +324,32 @@ def bench_batch(sizes: list[int], nbgrader_size: int) -> dict:
         a, b = rows[f"gradelab {sizes[0]}"], rows[f"gradelab {sizes[-1]}"]
         print(f"scaling {sizes[0]} -> {sizes[-1]}: {b['seconds'] / a['seconds']:.2f}x the time for "
               f"{sizes[-1] / sizes[0]:.1f}x the submissions (linear = {sizes[-1] / sizes[0]:.1f}x)")
+    _print_mixes(rows)
     return rows
+
+
+def _print_mixes(rows: dict) -> None:
+    """Each mix against nbgrader and against the physical limit: the students' own code, spread
+    evenly over the workers (no grader finishes a batch sooner)."""
+    from class_mix import describe_mix
+
+    mixes = [("coverage (no host attacks)", "gradelab safe", "nbgrader safe"),
+             (f"class ({describe_mix()})", "gradelab class", "nbgrader class")]
+    mixes = [m for m in mixes if m[1] in rows]
+    if not mixes:
+        return
+    print("\nPer mix: ratio to nbgrader (seconds per submission; nbgrader on its n) and distance to the "
+          "physical limit (wall time / (student code / workers); 1.0 = nothing but the students' code)")
+    width = max(len(label) for label, _, _ in mixes)
+    print(f"{'mix':{width}} {'n':>4} {'gradelab s/sub':>15} {'nbgrader n':>11} {'nbgrader s/sub':>15} {'ratio':>7} "
+          f"{'limit s':>8} {'wall/limit':>11}")
+    for label, ours_key, theirs_key in mixes:
+        ours, theirs = rows[ours_key], rows.get(theirs_key)
+        limit = ours["student code"] / ours["workers"]
+        nb_n, nb_per, ratio = ((f"{theirs['n']}", f"{theirs['per']:.2f}", f"{theirs['per'] / ours['per']:.1f}x")
+                               if theirs else ("-", "-", "-"))
+        print(f"{label:{width}} {ours['n']:4d} {ours['per']:15.2f} {nb_n:>11} {nb_per:>15} {ratio:>7} {limit:8.1f} "
+              f"{ours['seconds'] / limit:11.2f}")
 
 
 # ------------------------------------------------------------------ the instructor notebook
@@ -336,24 +377,34 @@ def bench_notebook(rounds: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", choices=["all", "overhead", "batch", "notebook", "fairness"], default="all")
+    parser.add_argument("what", nargs="?", choices=["all", "overhead", "batch", "notebook", "fairness", "cluster"],
+                        default="all")
     parser.add_argument("--rounds", type=int, default=10, help="repetitions for the overhead figures")
     parser.add_argument("--notebook-rounds", type=int, default=3, help="executions of the instructor notebook")
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200], help="batch sizes graded by gradelab")
     parser.add_argument("--nbgrader", type=int, default=50, help="batch size graded by nbgrader (0: skip)")
+    parser.add_argument("--class-units", type=int, default=2,
+                        help="class-sized batch: units of 30 submissions in a real course's mix (0: skip)")
+    parser.add_argument("--class-nbgrader-units", type=int, default=1,
+                        help="units of the class batch graded by nbgrader, scaled per submission (0: skip)")
     parser.add_argument("--quick", action="store_true", help="fairness: a smoke run with a few submissions")
     parser.add_argument("--scale", type=float, default=1.0, help="fairness: multiply the simulated submissions")
+    parser.add_argument("--cluster-size", type=int, default=24, help="cluster: submissions in the batch")
     args = parser.parse_args()
     if args.what in ("all", "overhead"):
         bench_overhead(args.rounds)
     if args.what in ("all", "batch"):
-        bench_batch(args.sizes, args.nbgrader)
+        bench_batch(args.sizes, args.nbgrader, args.class_units, args.class_nbgrader_units)
     if args.what in ("all", "notebook"):
         bench_notebook(args.notebook_rounds)
     if args.what in ("all", "fairness"):
         import fairness  # bench/, beside this file
 
         fairness.main([*(["--quick"] if args.quick else []), "--scale", str(args.scale)])
+    if args.what in ("all", "cluster"):
+        import cluster  # bench/, beside this file
+
+        cluster.print_cluster(cluster.bench_cluster(args.cluster_size, os.cpu_count() or 1))
 
 
 if __name__ == "__main__":

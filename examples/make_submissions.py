@@ -675,6 +675,65 @@ GC_WALK = code('''
                 pass  # to do
 ''')
 
+# Attacks on the trusted side: the grader's own code runs inside the sandbox too, so a cell can
+# reach its sockets and forge what the supervisor and the test runner read.
+_SANDBOX_INTERNALS = """
+    import gc
+    import os
+    import socket
+    import stat
+
+
+    def is_socket(fd):
+        try:
+            return stat.S_ISSOCK(os.fstat(fd).st_mode)
+        except OSError:
+            return False
+
+
+    # The sandbox's notebook runner, and its socket to the supervisor (the first of its two sockets).
+    runner = next(o for o in gc.get_objects() if type(o).__name__ == "NotebookRunner")
+    ctl = socket.socket(fileno=os.dup(next(fd for fd in range(3, 256) if is_socket(fd))))
+"""
+
+FORGED_CELL_REPORT = code(_SANDBOX_INTERNALS + """
+    from gradelab.boundary import wire
+
+    # This cell's report, before gradelab's own: it took NaN seconds, and its error is a string.
+    wire.send_msg(ctl, {"event": "cell_end", "cell": {
+        "index": max(runner.sources), "status": "error", "seconds": float("nan"), "error": "boom"}})
+""")
+
+FORGED_FIGURES = code(_SANDBOX_INTERNALS + """
+    from gradelab.sandbox import executor
+
+    # 200,000 figures of 4 bytes and one whose cell is not a number, past the sandbox's own limits.
+    executor._sendable = lambda figures: figures
+    runner.figures.extend([{"cell": "one", "index": 0, "error": "forged"}]
+                          + [{"cell": 0, "index": k, "png": b"\\x89PNG"} for k in range(200_000)])
+""")
+
+FORGED_REPLIES = code("""
+    from gradelab.boundary import messages, wire
+
+    # Every reply to the hidden tests says "ok" and that the call took -5 seconds.
+    _send = messages.send
+
+    def send(sock, record):
+        if isinstance(record, messages.RpcReply):
+            return wire.send_msg(sock, {"ok": True, "value": 1.0, "seconds": -5.0})
+        return _send(sock, record)
+
+    messages.send = send
+""")
+
+HUGE_REPORT = code(_SANDBOX_INTERNALS + """
+    import struct
+
+    # A frame that claims to hold 100 GiB: the supervisor must refuse it before reading it.
+    ctl.sendall(struct.pack("<Q", 100 << 30))
+""")
+
 # ------------------------------------------------------------------ answers that crash when called
 
 SIGMOID_SYSTEM_EXIT = edit(CORRECT["q1_2_sigmoid"], "a = 1 / (1 + torch.exp(-x))", "raise SystemExit(0)")
@@ -803,6 +862,10 @@ VARIANTS: dict[str, Variant] = {
     "hostile_huge_output": Variant({**FAST, "q1_4_build_model": HUGE_OUTPUT}),
     "hostile_kill_processes": Variant({**FAST, "q2_6_plot": KILL_PROCESSES}),
     "hostile_poison_and_gc_walk": Variant({**FAST, "q3_1_deep": POISON_MODULES, "q3_2_negative": GC_WALK}),
+    "hostile_forged_cell_report": Variant(FAST, extra_cells={"q1_1_tensors": FORGED_CELL_REPORT}),
+    "hostile_forged_figures": Variant(FAST, extra_cells={"q2_2_plot": FORGED_FIGURES}),
+    "hostile_forged_replies": Variant(FAST, extra_cells={"q1_1_tensors": FORGED_REPLIES}),
+    "hostile_huge_report": Variant(FAST, extra_cells={"q1_2_sigmoid": HUGE_REPORT}),
     # answers that crash when called or have the wrong type: each costs only the tests that use it
     "crash_sigmoid_system_exit": Variant({**FAST, "q1_2_sigmoid": SIGMOID_SYSTEM_EXIT}),
     "crash_kill_gradients_keyboard_interrupt": Variant({**FAST, "q3_1_deep": KILL_GRADIENTS_INTERRUPT}),

@@ -96,6 +96,19 @@ def validate(notebook: Path, project: Path, require_sandbox: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
+def _tls_options(role: str):
+    """--tls-ca-file/--tls-cert/--tls-key; each defaults to the config's cluster.tls_*."""
+    def decorate(command):
+        for name, what in (("--tls-key", f"the {role}'s private key (PEM), unless --tls-cert holds it"),
+                           ("--tls-cert", f"the {role}'s TLS certificate (PEM)"),
+                           ("--tls-ca-file", "the certificate authority the cluster's certificates are signed by")):
+            command = click.option(name, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                                   help=f"{what[0].upper()}{what[1:]}; default: cluster.{name[2:].replace('-', '_')} "
+                                        "in the config.")(command)
+        return command
+    return decorate
+
+
 @main.command()
 @click.argument("submissions", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -106,14 +119,65 @@ def validate(notebook: Path, project: Path, require_sandbox: bool) -> None:
 @click.option("--student", "only", multiple=True, help="Regrade only this student id (repeatable).")
 @click.option("--force", is_flag=True, help="Regrade even when the submission did not change.")
 @click.option("--require-sandbox", is_flag=True, help="Refuse to grade unless every isolation layer is available.")
+@click.option("--scheduler", metavar="ADDRESS", help="Grade on the Dask cluster of this scheduler (tls://host:port).")
+@click.option("--cluster", "local", metavar="local:N", help="Grade on a loopback Dask cluster of N worker processes.")
+@_tls_options("client")
 def grade(submissions: Path, out_dir: Path, project: Path, workers: int | None, only: tuple[str, ...],
-          force: bool, require_sandbox: bool) -> None:
-    """Grade SUBMISSIONS (a notebook, a folder, an LMS zip or an nbgrader tree) into --out."""
+          force: bool, require_sandbox: bool, scheduler: str | None, local: str | None,
+          tls_ca_file: Path | None, tls_cert: Path | None, tls_key: Path | None) -> None:
+    """Grade SUBMISSIONS (a notebook, a folder, an LMS zip or an nbgrader tree) into --out.
+
+    With --scheduler or --cluster the submissions are graded by Dask workers (`gradelab worker`)
+    instead of the local pool; results are written here all the same."""
     from gradelab.grading.batch import grade_batch
 
     summary = grade_batch(submissions, out_dir, project=project, workers=workers, only=set(only),
-                          force=force, require_sandbox=require_sandbox, console=console)
+                          force=force, require_sandbox=require_sandbox, console=console,
+                          cluster=_cluster_target(project, workers, require_sandbox, scheduler, local,
+                                                  tls_ca_file, tls_cert, tls_key))
     sys.exit(0 if summary.ok else 1)
+
+
+def _cluster_target(project, workers, require_sandbox, scheduler, local, tls_ca_file, tls_cert, tls_key):
+    """The ClusterTarget of `grade`'s options, or None for the local pool."""
+    if not (scheduler or local):
+        return None
+    from gradelab.errors import RefusedError
+    from gradelab.grading.cluster import ClusterTarget, parse_local, require_tls, tls_security
+
+    if scheduler and local:
+        raise RefusedError("--scheduler and --cluster exclude each other")
+    if workers:
+        raise RefusedError("--workers sizes the local pool; a cluster's size is its workers'")
+    if scheduler and require_sandbox:
+        raise RefusedError("with --scheduler, each worker checks its sandbox: start them with "
+                           "`gradelab worker --require-sandbox`")
+    if local:
+        return ClusterTarget(local_workers=parse_local(local))
+    return ClusterTarget(address=require_tls(scheduler),
+                         security=tls_security(project, tls_ca_file, tls_cert, tls_key, role="client"))
+
+
+@main.command()
+@click.option("--scheduler", metavar="ADDRESS", required=True, help="The Dask scheduler (tls://host:port).")
+@PROJECT_OPTION
+@_tls_options("worker")
+@click.option("--host", help="The address this worker listens on (default: Dask's choice).")
+@click.option("--name", help="The worker's name on the cluster.")
+@click.option("--require-sandbox", is_flag=True, help="Refuse to grade unless every isolation layer is available.")
+def worker(scheduler: str, project: Path, tls_ca_file: Path | None, tls_cert: Path | None, tls_key: Path | None,
+           host: str | None, name: str | None, require_sandbox: bool) -> None:
+    """Serve the scheduler as one grading worker of the assignment in --project.
+
+    It imports torch and collects the hidden tests once, grades the reference notebook (it must
+    score full marks), and only then takes submissions, one at a time. Run it on a host students
+    cannot reach; it holds the hidden tests and the reference solutions."""
+    from gradelab.grading.cluster import require_tls, tls_security
+    from gradelab.grading.worker import run_worker
+    from gradelab.project import Project
+
+    security = tls_security(project, tls_ca_file, tls_cert, tls_key, role="worker")
+    run_worker(require_tls(scheduler), Project.load(project).root, security, host=host, name=name, require_sandbox=require_sandbox)
 
 
 FROM_OPTION = click.option("--from", "results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),

@@ -47,7 +47,10 @@ class Limits(BaseModel):
     processes: int = 64
     open_files: int = 256
     file_size_mb: int = 16
-    output_kb: int = 64
+    output_kb: int = Field(64, ge=0, le=1024)  # a cell's output kept; the sandbox's records hold at most 1 MiB
+    # Memory the trusted processes that read student data (each grading worker, each test runner)
+    # may map beyond what they hold at start; 0: unlimited.
+    grader_memory_mb: int = Field(4096, ge=0)
 
 
 class PlotSettings(BaseModel):
@@ -132,6 +135,19 @@ class GradescopeSettings(BaseModel):
     question_visibility: dict[str, Visibility] = Field(default_factory=dict)  # question id -> visibility
 
 
+class ClusterSettings(BaseModel):
+    """`cluster:`: grading on a Dask cluster (`gradelab grade --scheduler`, `gradelab worker`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    retries: int = Field(1, ge=0)  # other workers a submission is retried on after its worker died
+    worker_timeout: float = Field(600, gt=0)  # seconds the client waits with no worker ready to grade
+    # TLS certificates (PEM files), relative to the project; the command-line options override them.
+    tls_ca_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
 class GradingConfig(BaseModel):
     assignment: AssignmentInfo
     limits: Limits = Field(default_factory=Limits)
@@ -144,6 +160,7 @@ class GradingConfig(BaseModel):
     # hidden tests (e.g. training the student's XOR model), so running them only costs time.
     skip_when_grading: list[str] = Field(default_factory=list)
     gradescope: GradescopeSettings = Field(default_factory=GradescopeSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @model_validator(mode="before")
     @classmethod

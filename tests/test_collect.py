@@ -17,6 +17,7 @@ import nbformat
 import pytest
 
 from gradelab.grading import collect as collect_module
+from gradelab.grading import names
 from gradelab.grading.collect import CollectReport, collect
 
 NOTEBOOK_NAME = "vanishing_gradients.ipynb"
@@ -392,4 +393,136 @@ def test_plain_names_with_digit_runs_are_not_canvas_names(tmp_path):
     report = collect_module.collect(folder, tmp_path / "work")
     assert sorted(s.student_id for s in report.submissions) == ["s0007_wrong_uniform_0_1_weights_only",
                                                                  "s0038_wrong_uniform_0_1_weights_only"]
+    assert not report.superseded
+
+
+# ---------------------------------------------------------------- identity from student-controlled names
+
+
+def test_moodle_display_name_holding_the_marker_is_read_from_the_right(tmp_path: Path) -> None:
+    """A display name shaped like a Moodle name does not make its notebook another student's."""
+    eve_name = "Eve_4711_assignsubmission_file_zzz"
+    source = write_zip(tmp_path / "moodle.zip", {
+        f"{eve_name}_12345_assignsubmission_file_{NOTEBOOK_NAME}": notebook("eve"),
+        f"Bob Builder_4711_assignsubmission_file_{NOTEBOOK_NAME}": notebook("bob, perfect"),
+        f"{eve_name}_12346_assignsubmission_file_/{NOTEBOOK_NAME}": notebook("eve's twin, a folder"),
+        f"Carol Diaz_4713_assignsubmission_file/{NOTEBOOK_NAME}": notebook("carol"),  # Moodle 4: no last "_"
+    })
+
+    report = collect(source, tmp_path / "work", notebook_name=NOTEBOOK_NAME)
+
+    by_id = {s.student_id: s for s in report.submissions}
+    assert sorted(by_id) == ["12345", "12346", "4711", "4713"]
+    assert (by_id["12345"].display_name, by_id["12345"].original_name) == (eve_name, NOTEBOOK_NAME)
+    assert by_id["12345"].other_ids == ["4711"]  # the flat name also reads as 4711: said, not used
+    assert by_id["12346"].display_name == eve_name and by_id["12346"].other_ids == []  # a folder name is exact
+    assert nbformat.reads(by_id["4711"].path.read_text(), as_version=4).cells[0].source == "answer = 'bob, perfect'"
+    assert by_id["4713"].display_name == "Carol Diaz"
+    assert not report.superseded and not report.disputed and not report.skipped
+    [note] = report.notes
+    assert note.startswith(f"{eve_name}_12345_") and "also reads as id 4711; read as 12345," in note
+
+
+def test_canvas_ids_come_from_the_fixed_structure_not_from_the_uploaded_name(tmp_path: Path) -> None:
+    """Canvas writes `lastfirst[_LATE]_userid_fileid_` before the student's own file name and
+    strips `_<digits>_` from lastfirst: numbers in the uploaded name never become the ids."""
+    folder = tmp_path / "canvas"
+    folder.mkdir()
+    names = {
+        "eve4711_12345_678901_x_4711_99_vanishing_gradients.ipynb": "forged",  # the upload claims user 4711
+        "doejohn_LATE_23456_678902_vanishing_gradients_2026_11_20.ipynb": "dated",  # digit runs, innocently
+        "roe4711mary_34567_678903_vanishing_gradients.ipynb": "digits in lastfirst",
+    }
+    for name, marker in names.items():
+        (folder / name).write_bytes(notebook(marker))
+
+    report = collect(folder, tmp_path / "work")
+
+    readings = {s.student_id: (s.display_name, s.original_name, s.other_ids, s.marked_late) for s in report.submissions}
+    assert readings == {
+        "12345": ("eve4711", "x_4711_99_vanishing_gradients.ipynb", ["4711"], False),
+        "23456": ("doejohn", "vanishing_gradients_2026_11_20.ipynb", ["2026"], True),
+        "34567": ("roe4711mary", "vanishing_gradients.ipynb", [], False),
+    }
+    assert len(report.notes) == 2 and all("check who handed it in" in note for note in report.notes)
+    assert not report.superseded and not report.disputed
+
+
+def test_one_id_under_two_names_is_reported_not_superseded(tmp_path: Path) -> None:
+    """Two Moodle downloads merged (participant ids are per assignment) and a forged upload name:
+    nobody's notebook is superseded by another student's; a resubmission still is."""
+    source = write_zip(tmp_path / "moodle.zip", {
+        f"Ann Lee_4711_assignsubmission_file_/{NOTEBOOK_NAME}": notebook("ann"),
+        f"Bo Chen_4711_assignsubmission_file_/{NOTEBOOK_NAME}": notebook("bo"),
+        f"Dee Fox_4712_assignsubmission_file_{NOTEBOOK_NAME}": notebook("dee"),
+        # Eve (participant 12345) named her upload so that it reads as Dee's from the right.
+        f"Eve Ray_12345_assignsubmission_file_zzz_4712_assignsubmission_file_{NOTEBOOK_NAME}": notebook("eve"),
+        f"Gus Ho_4714_assignsubmission_file_{NOTEBOOK_NAME}": notebook("gus, first"),
+        "Gus Ho_4714_assignsubmission_file_vanishing_gradients-1.ipynb": notebook("gus, again"),
+    })
+
+    report = collect(source, tmp_path / "work", notebook_name=NOTEBOOK_NAME)
+
+    by_id = {s.student_id: s.display_name for s in report.submissions}
+    assert by_id == {
+        "4711-Ann_Lee": "Ann Lee", "4711-Bo_Chen": "Bo Chen",  # neither holds 4711 better than the other
+        "4712": "Dee Fox",  # the one name that carries 4712 unambiguously keeps it
+        "4712-Eve_Ray_12345_assignsubmission_file_zzz": "Eve Ray_12345_assignsubmission_file_zzz",
+        "4714": "Gus Ho",
+    }
+    assert {claimed: sorted(f.student_id for f in files) for claimed, files in report.disputed} == {
+        "4711": ["4711-Ann_Lee", "4711-Bo_Chen"],
+        "4712": ["4712", "4712-Eve_Ray_12345_assignsubmission_file_zzz"],
+    }
+    [(older, kept)] = report.superseded  # Gus's resubmission: one name, one student
+    assert (older.original_name, kept.original_name) == (NOTEBOOK_NAME, "vanishing_gradients-1.ipynb")
+    disputes = [note for note in report.notes if "different names" in note]
+    assert len(disputes) == 2 and "as 4711-Ann_Lee" in disputes[0] and "as 4711-Bo_Chen" in disputes[0]
+
+
+def test_over_long_names_are_shortened_not_skipped(tmp_path: Path) -> None:
+    """Names past the file system's 255 bytes, and ids past 100 characters, still get graded."""
+    upload = "v" * 240 + ".ipynb"  # what the student uploaded; Canvas puts its prefix in front
+    long_folder = "Åse Ødegård " * 12 + "_4711_assignsubmission_file_"  # 2-byte letters: past 255 bytes
+    source = write_zip(tmp_path / "lms.zip", {
+        f"doejohn_12345_678901_{upload}": notebook("canvas"),
+        f"{long_folder}/{upload}": notebook("moodle"),
+    })
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for tail in ("a", "b"):  # the same first 100 characters
+        (plain / f"{'s' * 200}{tail}.ipynb").write_bytes(notebook(tail))
+
+    lms = collect(source, tmp_path / "work")
+    flat = collect(plain, tmp_path / "work")
+
+    assert not lms.skipped and not flat.skipped
+    canvas, moodle = lms.submissions
+    assert (canvas.student_id, canvas.original_name) == ("12345", upload)
+    assert (moodle.student_id, moodle.display_name, moodle.original_name) == ("4711", long_folder[:-28], upload)
+    for submission in lms.submissions:
+        assert submission.path.is_file() and submission.path.suffix == ".ipynb"
+        assert all(len(part.encode()) <= names.NAME_MAX_BYTES for part in submission.path.parts)
+    ids = [s.student_id for s in flat.submissions]
+    assert len(set(ids)) == 2 and all(len(i) == 100 and i.startswith("s" * 90) for i in ids)
+    assert set(ids) == {names.folder_safe(f"{'s' * 200}{tail}") for tail in ("a", "b")}  # stable: a hash
+    for student_id in ids:  # where the results go: <out>/<student_id>/
+        (tmp_path / "out" / student_id).mkdir(parents=True)
+
+
+def test_a_forged_canvas_name_does_not_take_a_students_id(tmp_path: Path) -> None:
+    """Canvas turns "_<digits>_" in a name into digits, but "Eve__4711__1__x" comes out as
+    eve_4711_1_x: read from the left, Eve's file claims Bob's id, and is ambiguous. Bob's
+    unambiguous name keeps the id; Eve's file is graded under its own."""
+    folder = tmp_path / "canvas"
+    folder.mkdir()
+    (folder / "eve_4711_1_x_12345_678901_vanishing_gradients.ipynb").write_bytes(notebook("eve"))
+    (folder / "builderbob_4711_678902_vanishing_gradients.ipynb").write_bytes(notebook("bob"))
+
+    report = collect(folder, tmp_path / "work")
+
+    by_id = {s.student_id: (s.display_name, s.other_ids) for s in report.submissions}
+    assert by_id == {"4711": ("builderbob", []), "4711-eve": ("eve", ["12345"])}
+    assert [(claimed, sorted(f.student_id for f in files)) for claimed, files in report.disputed] == [
+        ("4711", ["4711", "4711-eve"])]
     assert not report.superseded

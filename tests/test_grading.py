@@ -223,6 +223,7 @@ def test_functions_that_end_the_process_cost_only_their_own_tests(grader, root, 
 
 def test_messages_name_what_the_value_is():
     from gradelab.hidden import assert_tensor_close, expect_number, expect_tensor
+    from gradelab.boundary.messages import RpcError
     from gradelab.hidden.proxy import _problem_from
 
     with pytest.raises(AssertionError, match=r"^d should be a torch.Tensor, got a str \('1 2 3'\)$"):
@@ -236,9 +237,9 @@ def test_messages_name_what_the_value_is():
                            (None, "should be a number, got None")):
         with pytest.raises(AssertionError, match=message):
             expect_number(value, "expected_initial_loss(2)")
-    assert str(_problem_from({"type": "SystemExit", "message": "0"}, "my_sigmoid", "call")).startswith(
+    assert str(_problem_from(RpcError(type="SystemExit", message="0"), "my_sigmoid", "call")).startswith(
         "`my_sigmoid` raised SystemExit when called: 0 (exit(), quit() and sys.exit() end a program")
-    assert str(_problem_from({"type": "ValueError", "message": "bad"}, "d", "get")) == "`d` raised ValueError: bad"
+    assert str(_problem_from(RpcError(type="ValueError", message="bad"), "d", "get")) == "`d` raised ValueError: bad"
 
 
 def test_a_fake_import_error_in_a_cell_is_the_students_own(grader, root, tmp_path):
@@ -306,3 +307,16 @@ def test_folders_the_sandbox_uid_cannot_enter_or_that_are_hidden_are_named():
         f"{hidden / 'vanishing_gradients'} is inside {hidden}, which the sandbox hides from student code",
         f"{locked} cannot be read by the sandbox's unprivileged user (uid {UID_BASE + 7}): {locked} "
         f"(mode drwx------, owner uid 0) does not let others in"]
+
+
+@pytest.mark.parametrize("attack", ["hostile_forged_cell_report", "hostile_huge_report"])
+def test_a_rejected_submission_leaves_the_next_one_a_whole_sandbox(grader, root, tmp_path, attack):
+    """A sandbox whose messages were malformed is torn down before the next submission's starts:
+    the next one gets every layer (its memory limit holds) and says what its box applied."""
+    hostile = grader.grade(root / f"examples/submissions/{attack}.ipynb", attack, out_dir=tmp_path)
+    assert hostile.status == "malformed" and hostile.score == 0
+    assert "the sandbox sent malformed data" in hostile.messages[0]
+    after = grader.grade(root / "examples/submissions/hostile_memory_bomb.ipynb", "after", out_dir=tmp_path)
+    assert after.status == "graded" and any("out of memory, limit" in m for m in after.messages), after.messages
+    if os.geteuid() == 0:
+        assert after.sandbox_layers and all(state == "available" for state in after.sandbox_layers.values())

@@ -262,6 +262,27 @@ def test_compare_images_same_figure_passes_other_figure_fails(sigmoid_model):
     assert not result.passed and result.message == "figure size differs: yours is 640x240 px, the reference 512x384 px"
 
 
+def test_compare_images_judges_pixels_not_bytes(sigmoid_model):
+    """Identical PNGs pass without decoding; other bytes are decoded and compared pixel by pixel."""
+    from PIL import Image
+
+    first = capture_figure(plot_grad(sigmoid_model, seed=SEED), cell=0, index=0)["png"]
+    pixels = Image.open(io.BytesIO(first))
+    recoded = io.BytesIO()
+    pixels.save(recoded, format="png", compress_level=9)  # the same pixels in other bytes
+    assert recoded.getvalue() != first
+    assert compare_images(recoded.getvalue(), first, tol=0) == (True, 0.0, None, "")
+
+    changed = pixels.copy()
+    changed.paste((255, 0, 0, 255), (0, 0, 40, 40))  # a red square in a corner
+    edited = io.BytesIO()
+    changed.save(edited, format="png")
+    passed, rms, _, _ = compare_images(edited.getvalue(), first, tol=0.5)
+    assert not passed and rms > 0.5
+    with pytest.raises(ValueError, match="not a PNG"):
+        compare_images(b"GIF89a", b"GIF89a", tol=12)
+
+
 # ---------------------------------------------------------------- line plots (q1_2, q1_3)
 
 X = np.linspace(-10, 10, 201)

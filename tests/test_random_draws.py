@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from gradelab.boundary.messages import RedrawRequest
 from gradelab.sandbox.rpc import RpcServer
 from gradelab.hidden.distributions import Normal, Uniform, assert_distribution, distribution_checks
 
@@ -90,12 +91,12 @@ def test_redraw_runs_a_cell_again_with_other_seeds_and_leaves_the_notebook_alone
     original = namespace["A"].clone()
     server = _server(namespace, {4: "A = torch.rand(3)\nc = A.sum()"})
 
-    reply = server.handle({"op": "redraw", "seed": 1, "cell": 4, "names": ["A", "c"], "seeds": [10, 11, 10]})
-    assert reply["ok"], reply
-    (a10, c10), (a11, _), (again, _) = reply["value"]
+    reply = server.handle(RedrawRequest(op="redraw", seed=1, cell=4, names=["A", "c"], seeds=[10, 11, 10]))
+    assert reply.ok, reply
+    (a10, c10), (a11, _), (again, _) = reply.value
     assert torch.equal(a10, again) and not torch.equal(a10, a11)
     assert torch.equal(c10, a10.sum())
     assert torch.equal(namespace["A"], original) and torch.equal(namespace["c"], original.sum())
 
-    missing = server.handle({"op": "redraw", "seed": 1, "cell": 5, "names": ["A"], "seeds": [1]})
-    assert not missing["ok"] and "cell 5 was not run" in missing["error"]["message"]
+    missing = server.handle(RedrawRequest(op="redraw", seed=1, cell=5, names=["A"], seeds=[1]))
+    assert not missing.ok and "cell 5 was not run" in missing.error.message

@@ -13,7 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 TestStatus = Literal["passed", "failed", "error", "timeout", "not_answered", "skipped"]
-SubmissionStatus = Literal["graded", "broken", "timeout", "crashed"]
+# broken: not a notebook of this assignment; malformed: its sandbox sent what gradelab's code never
+# sends (tampering); crashed: the grader's own failure.
+SubmissionStatus = Literal["graded", "broken", "timeout", "crashed", "malformed"]
 QuestionKind = Literal["auto", "manual", "plot"]
 Visibility = Literal["hidden", "after_due_date", "after_published", "visible"]
 

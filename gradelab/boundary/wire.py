@@ -34,6 +34,7 @@ if sys.byteorder != "little":  # blobs are raw little-endian bytes; torch.frombu
 
 MAX_DEPTH = 32
 MAX_BYTES = 64 << 20
+MAX_VALUES = 1_000_000  # JSON values in one message
 _MAX_DIMS = 32
 _MAGIC = b"GLW1"
 _HEADER = struct.Struct("<4sIQ")
@@ -76,6 +77,10 @@ _TAGS = {
 
 class WireError(ValueError):
     """A value cannot be sent, or received data is malformed."""
+
+
+class TruncatedMessage(WireError, EOFError):
+    """The peer closed the connection in the middle of a message (it died while sending)."""
 
 
 # ---------------------------------------------------------------- encoding (untrusted side)
@@ -190,11 +195,12 @@ def _array_to_json(array: np.ndarray, blobs: list[bytes], where: str) -> dict:
 # ---------------------------------------------------------------- decoding (trusted side)
 
 
-def decode(data: bytes, *, max_bytes: int = MAX_BYTES) -> object:
-    """Rebuild a value from `encode` output; raise WireError on anything malformed."""
+def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = MAX_BYTES) -> object:
+    """Rebuild a value from `encode` output; raise WireError on anything malformed. Each value is
+    built once: JSON's containers are resolved in place, each tensor or array copied once."""
     if type(data) not in (bytes, bytearray, memoryview):
         raise WireError(f"expected bytes, got {type(data).__name__}")
-    data = bytes(data)
+    data = memoryview(data).cast("B")
     if len(data) > max_bytes:
         raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
     if len(data) < _HEADER.size:
@@ -205,11 +211,11 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES) -> object:
     pos = _HEADER.size
     if text_len > len(data) - pos:
         raise WireError("truncated JSON document")
-    text = data[pos:pos + text_len]
+    text = bytes(data[pos:pos + text_len])
     pos += text_len
     if count > (len(data) - pos) // _LENGTH.size:
         raise WireError(f"claims {count} blobs, more than the message can hold")
-    blobs: list[bytes] = []
+    blobs: list[memoryview] = []
     for _ in range(count):
         if len(data) - pos < _LENGTH.size:
             raise WireError("truncated blob header")
@@ -221,12 +227,17 @@ def decode(data: bytes, *, max_bytes: int = MAX_BYTES) -> object:
         pos += size
     if pos != len(data):
         raise WireError(f"{len(data) - pos} trailing bytes after the last blob")
+    # Every value but the first follows a comma or opens a container: an upper bound on the
+    # number of values, counted before any is built (a few MB of "[[],[],...]" is millions of lists).
+    values = text.count(b",") + text.count(b"[") + text.count(b"{")
+    if values > MAX_VALUES:
+        raise WireError(f"message holds more than {MAX_VALUES} values")
     try:
         document = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise WireError(f"malformed JSON document: {exc}") from None
     used = [False] * len(blobs)
-    value = _from_json(document, blobs, used, depth=0)
+    value = _resolve(document, blobs, used, depth=0)
     if not all(used):
         raise WireError("message has blobs that nothing refers to")
     return value
@@ -239,41 +250,44 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def _from_json(node: object, blobs: list[bytes], used: list[bool], depth: int) -> object:
+def _resolve(node: object, blobs: list[memoryview], used: list[bool], depth: int) -> object:
+    """`node` with its tagged objects turned into the values they stand for; plain lists and
+    dicts are resolved in place, not copied."""
     if depth > MAX_DEPTH:
         raise WireError(f"nested more than {MAX_DEPTH} levels deep")
     kind = type(node)
-    if node is None or kind in (bool, int, float, str):
+    if kind is not list and kind is not dict:
+        return node  # None, bool, int, float, str: JSON's scalars
+    tag = None if kind is list else next((key for key in node if key.startswith("__")), None)
+    if tag is None:
+        for key, item in (enumerate(node) if kind is list else node.items()):
+            if type(item) in (list, dict):
+                node[key] = _resolve(item, blobs, used, depth + 1)
         return node
-    if kind is list:
-        return [_from_json(item, blobs, used, depth + 1) for item in node]
-    if kind is not dict:
-        raise WireError(f"unexpected JSON node of type {kind.__name__}")
-    tags = [key for key in node if key.startswith("__")]
-    if not tags:
-        return {key: _from_json(item, blobs, used, depth + 1) for key, item in node.items()}
-    tag = tags[0]
     if tag not in _TAGS or set(node) != _TAGS[tag]:
         raise WireError(f"unknown or malformed tagged object with keys {sorted(node)[:8]}")
     if tag == "__tuple__":
         items = node[tag]
         if type(items) is not list:
             raise WireError("__tuple__ must hold a list")
-        return tuple(_from_json(item, blobs, used, depth + 1) for item in items)
+        return tuple(_resolve(items, blobs, used, depth + 1))
     if tag == "__dict__":
         members = node[tag]
         if type(members) is not dict:
             raise WireError("__dict__ must hold an object")
-        return {key: _from_json(item, blobs, used, depth + 1) for key, item in members.items()}
+        for key, item in members.items():  # keys taken literally: no tag lookup at this level
+            if type(item) in (list, dict):
+                members[key] = _resolve(item, blobs, used, depth + 2)
+        return members
     blob = _take_blob(node[tag], blobs, used)
     if tag == "__bytes__":
-        return blob
+        return bytes(blob)
     if tag == "__tensor__":
         return _tensor_from_blob(blob, node["dtype"], node["shape"])
     return _array_from_blob(blob, node["dtype"], node["shape"])
 
 
-def _take_blob(index: object, blobs: list[bytes], used: list[bool]) -> bytes:
+def _take_blob(index: object, blobs: list[memoryview], used: list[bool]) -> memoryview:
     if type(index) is not int or not 0 <= index < len(blobs):
         raise WireError(f"blob reference {index!r} out of range")
     if used[index]:
@@ -282,7 +296,7 @@ def _take_blob(index: object, blobs: list[bytes], used: list[bool]) -> bytes:
     return blobs[index]
 
 
-def _check_shape(shape: object, blob: bytes, itemsize: int) -> list[int]:
+def _check_shape(shape: object, blob: memoryview, itemsize: int) -> list[int]:
     if type(shape) is not list or len(shape) > _MAX_DIMS:
         raise WireError(f"shape must be a list of at most {_MAX_DIMS} sizes")
     # With data, numel <= len(blob) bounds every dimension; a zero-size shape must not claim absurd
@@ -301,25 +315,26 @@ def _check_shape(shape: object, blob: bytes, itemsize: int) -> list[int]:
     return shape
 
 
-def _check_bool_bytes(blob: bytes) -> None:
+def _check_bool_bytes(blob: memoryview) -> None:
     # Any byte other than 0/1 would make an invalid bool tensor or array.
-    if blob.translate(None, b"\x00\x01"):
+    if bytes(blob).translate(None, b"\x00\x01"):
         raise WireError("bool data holds bytes other than 0 and 1")
 
 
-def _tensor_from_blob(blob: bytes, dtype_name: object, shape: object) -> torch.Tensor:
+def _tensor_from_blob(blob: memoryview, dtype_name: object, shape: object) -> torch.Tensor:
     dtype = _TORCH_DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
         raise WireError(f"tensor dtype {dtype_name!r} is not allowed")
     shape = _check_shape(shape, blob, dtype.itemsize)
     if dtype is torch.bool:
         _check_bool_bytes(blob)
-    if not blob:  # torch.frombuffer refuses an empty buffer
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(blob), dtype=dtype).reshape(shape).clone()
+    tensor = torch.empty(shape, dtype=dtype)  # owns its memory: the message can be freed
+    if len(blob):
+        tensor.view(-1).view(torch.uint8).numpy()[:] = np.frombuffer(blob, dtype=np.uint8)
+    return tensor
 
 
-def _array_from_blob(blob: bytes, dtype_name: object, shape: object) -> np.ndarray:
+def _array_from_blob(blob: memoryview, dtype_name: object, shape: object) -> np.ndarray:
     dtype = _NUMPY_DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
         raise WireError(f"array dtype {dtype_name!r} is not allowed")
@@ -360,7 +375,7 @@ def recv_msg(sock: socket.socket, *, timeout: float | None, max_bytes: int = MAX
     return decode(body, max_bytes=max_bytes)
 
 
-def _recv_exactly(sock: socket.socket, size: int, deadline: float | None, at_start: bool) -> bytes:
+def _recv_exactly(sock: socket.socket, size: int, deadline: float | None, at_start: bool) -> bytearray:
     buffer = bytearray(size)
     view = memoryview(buffer)
     got = 0
@@ -379,6 +394,6 @@ def _recv_exactly(sock: socket.socket, size: int, deadline: float | None, at_sta
         if n == 0:
             if at_start and got == 0:
                 raise EOFError("connection closed")
-            raise WireError(f"connection closed mid-message ({got} of {size} bytes)")
+            raise TruncatedMessage(f"connection closed mid-message ({got} of {size} bytes)")
         got += n
-    return bytes(buffer)
+    return buffer

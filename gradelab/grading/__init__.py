@@ -7,6 +7,8 @@ batch parent B (the CLI process of `gradelab grade`).
 - submission.py (W): reading a submitted notebook (JSON only).
 - environment.py (W): can the sandbox read the Python it runs.
 - batch.py (B; its worker entry in W), collect.py (B), gradebook.py (B writes; publish reads).
+- names.py (B; publish reads): who a file is, from the names an LMS download gives it.
+- cluster.py (B): a batch on a Dask cluster; worker.py (a Dask worker, and its grading process W).
 - gradescope.py: Gradescope's run_autograder, grading in its own process (then W).
 Only supervisor, environment and batch (`probe_layers`) import gradelab.sandbox.
 """

@@ -34,6 +34,7 @@ _worker_grader = None  # the warm Grader of this worker process
 _worker_progress = None  # this batch's progress flags (see _run_pool), shared with the parent
 SKIPPED_SHOWN = 5  # skipped entries named in the "nothing to grade" message
 WORKER_DEATHS = 2  # deaths of the grading worker on one submission before it is reported, not retried
+INTERRUPTED = "[yellow]interrupted: every result graded so far is saved; run again to continue"
 _QUEUED, _STARTED, _FINISHED = 0, 1, 2  # a submission's progress flag
 
 
@@ -47,11 +48,17 @@ def _init_worker(project_root: str, require_sandbox: bool, slots, progress) -> N
     from gradelab.grading.supervisor import Grader
     from gradelab.project import Project
 
+    from gradelab.memory import limit_address_space
+
     with slots.get_lock():
         slot = slots.value
         slots.value += 1
     try:
-        _worker_grader = Grader(Project.load(Path(project_root)), slot=slot, require_sandbox=require_sandbox)
+        project = Project.load(Path(project_root))
+        limits = project.config.limits
+        # Each box forked from this worker gets its own memory limit on top of what it inherits.
+        limit_address_space(limits.grader_memory_mb and limits.grader_memory_mb + limits.memory_mb)
+        _worker_grader = Grader(project, slot=slot, require_sandbox=require_sandbox)
     except GradelabError as exc:  # raised by the first grading, with its message (a failing initializer
         _worker_grader = exc      # only breaks the pool: "the grading worker died")
 
@@ -89,10 +96,13 @@ class BatchSummary:
     def to_json(self) -> dict:
         return {
             "graded": self.count("graded"), "broken": self.count("broken"), "timeout": self.count("timeout"),
-            "crashed": self.count("crashed"), "unchanged": self.unchanged, "lost": self.lost,
+            "crashed": self.count("crashed"), "malformed": self.count("malformed"), "unchanged": self.unchanged,
+            "lost": self.lost,
             "seconds": round(self.seconds, 2), "interrupted": self.interrupted,
             "skipped": [list(s) for s in self.collected.skipped],
             "superseded": [[old.original_name, kept.original_name] for old, kept in self.collected.superseded],
+            "disputed": {claimed: [f.student_id for f in files] for claimed, files in self.collected.disputed},
+            "notes": self.collected.notes,
             "slowest": [[r.student_id, r.grading_time] for r in self.slowest()],
         }
 
@@ -102,13 +112,14 @@ class BatchSummary:
 
 def grade_batch(source: Path, out_dir: Path, *, project: Path, workers: int | None = None,
                 only: set[str] | None = None, force: bool = False, require_sandbox: bool = False,
-                console: Console | None = None) -> BatchSummary:
-    """Grade every submission in `source` into `out_dir`; see the module docstring."""
+                console: Console | None = None, cluster=None) -> BatchSummary:
+    """Grade every submission in `source` into `out_dir`; see the module docstring. With `cluster`
+    (a gradelab.grading.cluster.ClusterTarget), on a Dask cluster instead of the local pool."""
     console = console or Console(stderr=True)
     started = time.monotonic()
     project = Path(project).resolve()
     config = load_config(project / CONFIG_FILE)
-    if require_sandbox:
+    if require_sandbox and not (cluster and cluster.address):  # remote workers check their own layers
         from gradelab.sandbox.launch import probe_layers  # no torch import: safe before forking workers
 
         if missing := [f"{n} ({s})" for n, s in probe_layers().items() if s != "available"]:
@@ -123,12 +134,21 @@ def grade_batch(source: Path, out_dir: Path, *, project: Path, workers: int | No
         for sub in collected.submissions:
             if only and sub.student_id not in only:
                 continue
-            if not force and gradebook.content_hash(sub.student_id) == file_hash(sub.path):
+            # A result of the grader's own failure ("crashed") is graded again.
+            if not force and gradebook.content_hash(sub.student_id) == file_hash(sub.path) \
+                    and gradebook.get(sub.student_id).status != "crashed":
                 summary.unchanged.append(sub.student_id)
                 continue
             todo.append(sub)
         workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
-        if todo:
+        if todo and cluster:
+            from gradelab.grading.cluster import grade_on_cluster
+
+            console.print(f"grading {len(todo)} submissions on {cluster.describe()} "
+                          f"({len(summary.unchanged)} unchanged, skipped)")
+            grade_on_cluster(todo, cluster, project, out_dir, config, gradebook, summary, console,
+                             require_sandbox=require_sandbox)
+        elif todo:
             console.print(f"grading {len(todo)} submissions with {workers} workers "
                           f"({len(summary.unchanged)} unchanged, skipped)")
             _run_pool(todo, project, out_dir, workers, require_sandbox, config, gradebook, summary, console)
@@ -171,17 +191,9 @@ def _run_pool(todo, project, out_dir, workers, require_sandbox, config, gradeboo
     deaths: dict[str, int] = {}
     idle_deaths = 0  # breaks with no submission in flight (a worker died starting up)
     pending, suspects = list(todo), []
-    columns = (TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
-               TimeRemainingColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}"))
-    with Progress(*columns, console=console, transient=False) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("grading", total=len(todo), last="")
-
-        def save(sub: SubmissionFile, result: SubmissionResult) -> None:
-            result.late = _late_info(sub, config, result.max_score)
-            result.source = sub.original_name
-            gradebook.save(result)
-            progress.update(task, advance=1, last=f"{sub.student_id}: {result.score:g} ({result.status})")
-
+        save = result_saver(gradebook, config, progress, task)
         while pending or suspects:
             alone = bool(suspects)
             batch, pending, suspects = (suspects, pending, []) if alone else (pending, [], [])
@@ -194,7 +206,7 @@ def _run_pool(todo, project, out_dir, workers, require_sandbox, config, gradeboo
             except KeyboardInterrupt:
                 summary.interrupted = True
                 pool.shutdown(wait=False, cancel_futures=True)
-                console.print("[yellow]interrupted: every result graded so far is saved; run again to continue")
+                console.print(INTERRUPTED)
                 return
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -219,6 +231,24 @@ def _run_pool(todo, project, out_dir, workers, require_sandbox, config, gradeboo
                 suspects.extend(in_flight)
 
 
+def progress_bar(console: Console) -> Progress:
+    columns = (TextColumn("[bold]grading"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+               TimeRemainingColumn(), TimeElapsedColumn(), TextColumn("{task.fields[last]}"))
+    return Progress(*columns, console=console, transient=False)
+
+
+def result_saver(gradebook: Gradebook, config, progress: Progress, task):
+    """save(submission, result): the result with its late assessment and original file name into
+    the gradebook (committed on return), one step of the progress bar."""
+    def save(sub: SubmissionFile, result: SubmissionResult) -> None:
+        result.max_score = result.max_score or config.max_score  # a result made outside the grader has none
+        result.late = _late_info(sub, config, result.max_score)
+        result.source = sub.original_name
+        gradebook.save(result)
+        progress.update(task, advance=1, last=f"{sub.student_id}: {result.score:g} ({result.status})")
+    return save
+
+
 def _grade_round(pool, batch, index, out_dir, save) -> list[SubmissionFile]:
     """Grade `batch` in `pool`, saving each result as it arrives; return what a broken pool left
     unfinished (nothing when every submission was graded)."""
@@ -231,8 +261,20 @@ def _grade_round(pool, batch, index, out_dir, save) -> list[SubmissionFile]:
                 result = SubmissionResult.model_validate_json(future.result())
             except BrokenProcessPool:  # a worker died (not a sandbox: those are contained)
                 return list(futures.values())
+            except GradelabError:  # the machine cannot grade (e.g. the sandbox cannot read Python): stop
+                raise
+            except Exception as exc:  # noqa: BLE001 - a fault outside Grader.grade's own handling
+                result = _crashed(futures[future], exc)
             save(futures.pop(future), result)
     return []
+
+
+def _crashed(sub: SubmissionFile, exc: Exception) -> SubmissionResult:
+    """The result of a submission whose grading failed in the worker, outside the grader's own
+    error handling (e.g. its results could not be written): graded again by the next run."""
+    return SubmissionResult(student_id=sub.student_id, source=str(sub.path), content_hash=file_hash(sub.path),
+                            status="crashed", messages=[f"The grader failed on this submission ({type(exc).__name__}: "
+                                                        f"{str(exc)[:300]}); it was not graded."])
 
 
 def print_summary(summary: BatchSummary, console: Console) -> None:
@@ -241,6 +283,7 @@ def print_summary(summary: BatchSummary, console: Console) -> None:
     table.add_column("submissions", justify="right")
     for label, value in (("graded", summary.count("graded")), ("failed to run (broken file)", summary.count("broken")),
                          ("timed out", summary.count("timeout")), ("crashed", summary.count("crashed")),
+                         ("rejected (malformed data from the sandbox)", summary.count("malformed")),
                          ("unchanged (skipped)", len(summary.unchanged)), ("not notebooks / refused", len(summary.collected.skipped)),
                          ("superseded resubmissions", len(summary.collected.superseded))):
         table.add_row(label, str(value))
@@ -250,6 +293,8 @@ def print_summary(summary: BatchSummary, console: Console) -> None:
             console.print(f"  [red]{result.student_id}[/] ({result.status}): {'; '.join(result.messages)[:300]}")
     for name, reason in summary.collected.skipped:
         console.print(f"  [yellow]skipped[/] {name}: {reason}")
+    for note in summary.collected.notes:  # changed ids, ambiguous LMS names, one id under two names
+        console.print(f"  [yellow]note[/] {note}")
     for student_id, why in summary.lost:
         console.print(f"  [red]not graded[/] {student_id}: {why}")
     if summary.results:

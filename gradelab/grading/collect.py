@@ -6,7 +6,8 @@
 - a Canvas bulk download, zipped or extracted: `lastfirst[_LATE]_userid_submissionid_original`
   (student id = userid; the highest submission id wins);
 - a Moodle download, zipped or extracted: folders `Full Name_participantid_assignsubmission_file_/`
-  or flat files `Full Name_participantid_assignsubmission_file_original` (student id = participantid);
+  (Moodle 4: without the last "_") or flat files `Full Name_participantid_assignsubmission_file_original`
+  (student id = participantid);
 - an nbgrader tree `submitted/<student>/<assignment>/<notebook>.ipynb` with optional
   `timestamp.txt`, given as `submitted/` or the folder holding it.
 A zip holding a single folder (what "Compress folder" makes) is read as that folder.
@@ -16,6 +17,12 @@ under `workdir`, and only notebooks (and nbgrader's `timestamp.txt`) are written
 `..` paths, symbolic links, encrypted entries, nested archives and anything past the size limits
 are refused, counting the bytes actually decompressed rather than trusting the headers. Nothing
 raises on bad input: every entry that is not graded is listed in `CollectReport.skipped`.
+
+Names are student-controlled too; `names` reads them. A name that also reads as another student's
+id is noted; one id under two names (two display names, or an LMS name and a plain one) is no
+resubmission, and is reported in `CollectReport.disputed`. A name too long for the file system
+is shortened on extraction (the real name is kept) and an over-long student id is cut with a
+hash: neither is skipped.
 """
 
 from __future__ import annotations
@@ -24,11 +31,10 @@ import lzma
 import re
 import stat
 import tempfile
-import unicodedata
 import zipfile
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from pathlib import Path, PurePosixPath
@@ -36,6 +42,8 @@ from typing import IO, Literal
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, Field
+
+from gradelab.grading.names import Claim, claimed_ids, disk_name, folder_safe, folder_safe_ids, lms_file, moodle_folder
 
 SourceKind = Literal["canvas", "moodle", "nbgrader", "folder", "file"]
 
@@ -57,16 +65,8 @@ _ENCRYPTED_FLAG = 0x1
 # What a damaged or unsupported entry raises while it is read or written.
 _UNREADABLE = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, NotImplementedError, OSError)
 
-# Canvas: `doejohn_LATE_12345_678901_vanishing_gradients-1.ipynb`. The name part is Canvas's
-# `[[:word:]]` characters, which may include "_", so it is matched lazily up to the two ids.
-# Canvas's `lastfirst` is the sortable name with non-word characters removed, lower-cased: no
-# underscores, so a plain file like `s07_uniform_0_1_weights.ipynb` is not taken for user 0.
-_CANVAS = re.compile(r"(?P<lastfirst>[^_]+)(?P<late>_LATE)?_(?P<user>\d+)_(?P<submission>\d+)_(?P<original>.+)")
-# Moodle: `Åse Ødegård_4711_assignsubmission_file_` (a folder) or `..._file_original.ipynb` (flat).
-_MOODLE = re.compile(r"(?P<name>.+?)_(?P<participant>\d+)_assignsubmission_[a-z]+_(?P<original>.*)")
 # Canvas renames a resubmitted file `name-1.ipynb`, `name-2.ipynb`, ...
 _RESUBMISSION = re.compile(r"(?P<base>.*?)-(?P<number>\d+)")
-_SAFE_ID_LENGTH = 100
 
 
 class SubmissionFile(BaseModel):
@@ -80,6 +80,7 @@ class SubmissionFile(BaseModel):
     submitted_at: datetime | None = None  # nbgrader timestamp.txt, else None (zip mtimes are not evidence)
     marked_late: bool = False  # Canvas _LATE marker
     submission_key: str = ""  # orders resubmissions: Canvas submission id, nbgrader timestamp
+    other_ids: list[str] = Field(default_factory=list)  # ids another reading of the LMS name gives
 
 
 class CollectReport(BaseModel):
@@ -89,7 +90,9 @@ class CollectReport(BaseModel):
     # (older one, not graded; the one kept) for each extra submission of one student
     superseded: list[tuple[SubmissionFile, SubmissionFile]] = Field(default_factory=list)
     skipped: list[tuple[str, str]] = Field(default_factory=list)  # (entry name, reason)
-    notes: list[str] = Field(default_factory=list)  # changed student ids, unreadable timestamps
+    notes: list[str] = Field(default_factory=list)  # changed student ids, unreadable timestamps, disputes
+    # (id in the names, the graded file of each name) for an id that files under different names carry
+    disputed: list[tuple[str, list[SubmissionFile]]] = Field(default_factory=list)
 
 
 class _Refused(Exception):
@@ -110,16 +113,28 @@ class _Scan:
     found: list[_Found] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    true_names: dict[Path, str] = field(default_factory=dict)  # extracted under a shortened name
+
+    def name(self, path: Path) -> str:
+        """The name as the source has it (zip entries too long for the disk were shortened)."""
+        return self.true_names.get(path, path.name)
 
     def label(self, path: Path) -> str:
-        name = path.relative_to(self.root).as_posix()
+        depth = len(path.relative_to(self.root).parts)
+        name = "/".join(self.name(each) for each in reversed([path, *path.parents][:depth])) or "."
         return f"{name}/" if path.is_dir() and not path.is_symlink() else name
 
     def skip(self, path: Path, reason: str) -> None:
         self.skipped.append((self.label(path), reason))
 
     def add(self, file: SubmissionFile) -> None:
-        self.found.append(_Found(file, self.label(file.path)))
+        entry = self.label(file.path)
+        self.found.append(_Found(file, entry))
+        if file.other_ids:
+            self.notes.append(
+                f"{entry}: the {file.source_kind} name also reads as id {', '.join(file.other_ids)}; read as "
+                f"{file.student_id}, the id its fixed structure gives: check who handed it in"
+            )
 
 
 def collect(source: Path, workdir: Path, *, notebook_name: str | None = None) -> CollectReport:
@@ -161,7 +176,7 @@ def _extract_zip(archive_path: Path, workdir: Path, scan: _Scan) -> Path | None:
         return None
     workdir.mkdir(parents=True, exist_ok=True)
     # A fresh folder per run: nothing left from an earlier run is mixed in, nothing is overwritten.
-    dest = Path(tempfile.mkdtemp(prefix=f"{_folder_safe(archive_path.stem)}-", dir=workdir)).resolve()
+    dest = Path(tempfile.mkdtemp(prefix=f"{folder_safe(archive_path.stem)}-", dir=workdir)).resolve()
     total = 0
     with archive:
         entries = archive.infolist()
@@ -170,7 +185,7 @@ def _extract_zip(archive_path: Path, workdir: Path, scan: _Scan) -> Path | None:
                 continue  # folders are made as the files inside them need them
             name = _entry_name(info)
             try:
-                target = dest.joinpath(*_checked_parts(info, name))
+                target = _disk_path(dest, _checked_parts(info, name), scan)
                 total += _extract_entry(archive, info, target, room=MAX_TOTAL_BYTES - total)
             except _Refused as refused:
                 scan.skipped.append((name, str(refused)))
@@ -211,6 +226,17 @@ def _checked_parts(info: zipfile.ZipInfo, name: str) -> tuple[str, ...]:
     if parts[-1] != NBGRADER_TIMESTAMP and (reason := _file_reason(parts)):
         raise _Refused(reason)
     return parts
+
+
+def _disk_path(dest: Path, parts: tuple[str, ...], scan: _Scan) -> Path:
+    """Where an entry is written: each name as it is, or shortened when the file system would
+    refuse it (`disk_name`); the scan keeps the real names, which identify the student."""
+    target = dest
+    for part in parts:
+        target = target / disk_name(part)
+        if target.name != part:
+            scan.true_names[target] = part
+    return target
 
 
 def _extract_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, *, room: int) -> int:
@@ -254,7 +280,7 @@ def _size_problem(size: int, compressed: int, room: int) -> str | None:
 
 
 def _scan_folder(root: Path, scan: _Scan) -> None:
-    folder = _unwrap(root)
+    folder = _unwrap(root, scan)
     if (folder / "submitted").is_dir():
         _scan_nbgrader(folder / "submitted", scan)
     elif folder.name == "submitted" and not any(folder.glob(f"*{NOTEBOOK_SUFFIX}")):
@@ -263,14 +289,14 @@ def _scan_folder(root: Path, scan: _Scan) -> None:
         _scan_flat(folder, scan)
 
 
-def _unwrap(folder: Path) -> Path:
+def _unwrap(folder: Path, scan: _Scan) -> Path:
     """Look inside a folder that holds nothing but one plain folder (a compressed folder)."""
     while folder.name != "submitted":
         entries = list(folder.iterdir())
         if len(entries) != 1:
             break
         [only] = entries
-        if only.is_symlink() or not only.is_dir() or _MOODLE.fullmatch(only.name):
+        if only.is_symlink() or not only.is_dir() or moodle_folder(scan.name(only)):
             break
         folder = only
     return folder
@@ -279,37 +305,32 @@ def _unwrap(folder: Path) -> Path:
 def _scan_flat(folder: Path, scan: _Scan) -> None:
     """Top-level notebooks (plain, Canvas or flat Moodle names) and Moodle submission folders."""
     for entry in sorted(folder.iterdir()):
-        moodle = _MOODLE.fullmatch(entry.name)
+        name = scan.name(entry)
         if entry.is_symlink():
             scan.skip(entry, "symbolic link, not followed")
-        elif entry.is_dir() and moodle and not moodle["original"]:
+        elif entry.is_dir() and (moodle := moodle_folder(name)):
             for notebook in _notebooks(entry, scan):
                 scan.add(SubmissionFile(
-                    student_id=moodle["participant"], path=notebook, original_name=notebook.name,
-                    display_name=moodle["name"], source_kind="moodle",
+                    student_id=moodle.student_id, path=notebook, original_name=scan.name(notebook),
+                    display_name=moodle.display_name, source_kind="moodle",
                 ))
         elif entry.is_dir():
-            scan.skip(entry, _system_reason(entry.name) or "folder in no known layout (Moodle, nbgrader), not read")
-        elif reason := _file_reason((entry.name,)):
+            scan.skip(entry, _system_reason(name) or "folder in no known layout (Moodle, nbgrader), not read")
+        elif reason := _file_reason((name,)):
             scan.skip(entry, reason)
         else:
-            scan.add(_named_file(entry))
+            scan.add(_named_file(entry, name))
 
 
-def _named_file(path: Path) -> SubmissionFile:
-    """A top-level notebook: whose it is comes from a Moodle or Canvas name, else the stem."""
-    if moodle := _MOODLE.fullmatch(path.name):
+def _named_file(path: Path, name: str) -> SubmissionFile:
+    """A top-level notebook called `name`: whose it is comes from a Moodle or Canvas name, else the stem."""
+    if lms := lms_file(name):
         return SubmissionFile(
-            student_id=moodle["participant"], path=path, original_name=moodle["original"],
-            display_name=moodle["name"], source_kind="moodle",
+            student_id=lms.student_id, path=path, original_name=lms.original, display_name=lms.display_name,
+            source_kind=lms.kind, marked_late=lms.marked_late, submission_key=lms.submission_key,
+            other_ids=list(lms.other_ids),
         )
-    if canvas := _CANVAS.fullmatch(path.name):
-        return SubmissionFile(
-            student_id=canvas["user"], path=path, original_name=canvas["original"],
-            display_name=canvas["lastfirst"], source_kind="canvas", marked_late=bool(canvas["late"]),
-            submission_key=canvas["submission"].zfill(20),  # so that text order is number order
-        )
-    return SubmissionFile(student_id=path.stem, path=path, original_name=path.name, source_kind="folder")
+    return SubmissionFile(student_id=PurePosixPath(name).stem, path=path, original_name=name, source_kind="folder")
 
 
 def _scan_nbgrader(submitted: Path, scan: _Scan) -> None:
@@ -319,7 +340,7 @@ def _scan_nbgrader(submitted: Path, scan: _Scan) -> None:
             submitted_at = _read_timestamp(assignment / NBGRADER_TIMESTAMP, scan)
             for notebook in _notebooks(assignment, scan, metadata=NBGRADER_TIMESTAMP):
                 scan.add(SubmissionFile(
-                    student_id=student.name, path=notebook, original_name=notebook.name,
+                    student_id=scan.name(student), path=notebook, original_name=scan.name(notebook),
                     source_kind="nbgrader", submitted_at=submitted_at,
                     submission_key=submitted_at.isoformat() if submitted_at else "",
                 ))
@@ -409,11 +430,15 @@ def _zone(name: str) -> tzinfo:
 
 
 def _choose(scan: _Scan, notebook_name: str | None) -> CollectReport:
+    graded_as, disputes = claimed_ids([
+        Claim(f.file.student_id, f.file.display_name, f.file.source_kind, bool(f.file.other_ids)) for f in scan.found
+    ])
     by_student: dict[str, list[_Found]] = defaultdict(list)
-    for found in scan.found:
-        by_student[found.file.student_id].append(found)
-    safe_ids = _folder_safe_ids(by_student, scan.notes)
+    for found, group_id in zip(scan.found, graded_as, strict=True):
+        by_student[group_id].append(found)
+    safe_ids = folder_safe_ids(by_student, scan.notes)
     report = CollectReport(skipped=scan.skipped, notes=scan.notes)
+    kept_found: dict[str, _Found] = {}
     for raw_id, group in by_student.items():
         for found in group:
             found.file = found.file.model_copy(update={"student_id": safe_ids[raw_id]})
@@ -425,6 +450,16 @@ def _choose(scan: _Scan, notebook_name: str | None) -> CollectReport:
         kept = group[-1].file
         report.superseded.extend((older.file, kept) for older in group[:-1])
         report.submissions.append(kept)
+        kept_found[raw_id] = group[-1]
+    for claimed, group_ids in disputes.items():
+        graded = [kept_found[group_id] for group_id in group_ids]
+        report.disputed.append((claimed, [found.file for found in graded]))
+        report.notes.append(
+            f"student id {claimed} is claimed by files under {len(graded)} different names, so none supersedes "
+            "another; each is graded, under its own id: "
+            + "; ".join(f"{found.entry} ({found.file.display_name or 'no name'}) as {found.file.student_id}"
+                        for found in graded)
+        )
     report.submissions.sort(key=lambda file: file.student_id)
     return report
 
@@ -444,31 +479,3 @@ def _name_order(name: str) -> tuple[str, int]:
 
 def _same_notebook(name: str, wanted: str) -> bool:
     return _name_order(name)[0] == _name_order(wanted)[0]
-
-
-def _folder_safe_ids(raw_ids: Iterable[str], notes: list[str]) -> dict[str, str]:
-    """A unique folder name per student id; ids that are already safe keep their name."""
-    ordered = sorted(raw_ids, key=lambda raw: (_folder_safe(raw) != raw, raw))
-    taken: set[str] = set()  # case-folded: "Alice" and "alice" are one folder on macOS and Windows
-    safe_ids: dict[str, str] = {}
-    for raw in ordered:
-        safe = base = _folder_safe(raw)
-        suffix = 2
-        while safe.casefold() in taken:
-            safe, suffix = f"{base}-{suffix}", suffix + 1
-        taken.add(safe.casefold())
-        safe_ids[raw] = safe
-        if safe != raw:
-            notes.append(
-                f"student id {raw!r} is used as {safe!r}: ids name folders, so they keep only "
-                "A-Z a-z 0-9 . _ - (no leading dot) and are unique regardless of case"
-            )
-    return safe_ids
-
-
-def _folder_safe(text: str) -> str:
-    """`text` as a portable folder name: accents dropped, other characters replaced by "_"."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    plain = "".join(char for char in decomposed if not unicodedata.combining(char))
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", plain).lstrip(".")[:_SAFE_ID_LENGTH]
-    return safe or "student"

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from gradelab.boundary.messages import CellOutcome
 from gradelab.sandbox import launch as sandbox
 from gradelab.errors import GradingEnvironmentError
 
@@ -102,18 +103,17 @@ def check(*, hide: Sequence[Path], slot: int) -> None:
             "world-readable place outside /tmp, e.g. /opt/gradelab/venv as ./run does")
 
 
-def import_failures(cells: Sequence[dict], trees: Sequence[Path]) -> tuple[list[str], list[str]]:
+def import_failures(cells: Sequence[CellOutcome], trees: Sequence[Path]) -> tuple[list[str], list[str]]:
     """From the cells' errors, the modules (and files) inside `trees` that a cell could not import
     (or read) although this process finds them: the sandbox may not see them. To be confirmed in a
     clean sandbox (`probe_target`): a student's own `raise ImportError(...)` proves nothing."""
     modules: set[str] = set()
     files: set[str] = set()
     for cell in cells:
-        error = cell.get("error") if cell.get("status") == "error" else None
-        if not isinstance(error, dict) or error.get("type") not in ("ModuleNotFoundError", "ImportError",
-                                                                       "PermissionError"):
+        error = cell.error if cell.status == "error" else None
+        if error is None or error.type not in ("ModuleNotFoundError", "ImportError", "PermissionError"):
             continue
-        message = str(error.get("message", ""))
+        message = error.message
         modules.update(m for m in _MISSING_MODULE.findall(message) if _found_in(m, trees))
         files.update(p for p in _PATH.findall(message)
                      if any(Path(p).is_relative_to(t) for t in trees) and os.access(p, os.R_OK))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gradelab.boundary.figures import PNG_SIGNATURE
-from gradelab.boundary.records import FigureSummary, QuestionScore, SubmissionResult, TestOutcome
+from gradelab.boundary.figures import FigureData
+from gradelab.boundary.messages import FigureError
+from gradelab.boundary.records import FigureSummary, QuestionScore, SubmissionResult, SubmissionStatus, TestOutcome
 from gradelab.config import GradingConfig, question_of
 from gradelab.grading.submission import Submission
 from gradelab.project import FIGURES_DIR, RESULTS_FILE, SUBMISSION_FILE
@@ -23,10 +24,10 @@ def question_scores(config: GradingConfig, outcomes: list[TestOutcome]) -> list[
     return scores
 
 
-def broken_result(config: GradingConfig, problem: Exception, **base) -> SubmissionResult:
-    """The result of a file that is not a notebook of this assignment: nothing was run."""
-    return SubmissionResult(status="broken", messages=[f"This file could not be graded: {problem}."],
-                            questions=question_scores(config, []), **base)
+def unrun_result(config: GradingConfig, status: SubmissionStatus, message: str, **base) -> SubmissionResult:
+    """The result of a submission that gets no score: a file that is not a notebook of this
+    assignment, a sandbox that sent malformed data, a failure of the grader itself."""
+    return SubmissionResult(status=status, messages=[message], questions=question_scores(config, []), **base)
 
 
 def submission_result(config: GradingConfig, *, status: str, outcomes: list[TestOutcome], execution,
@@ -37,8 +38,9 @@ def submission_result(config: GradingConfig, *, status: str, outcomes: list[Test
     `execution` is the supervisor's Execution; `base` holds the identity fields (student_id,
     source, content_hash, max_score)."""
     messages = submission.problems + execution_messages(execution) + messages
-    if missing := [n for n, state in layers.items() if state != "available"]:
-        messages.append("Sandbox layers not available on this machine: " + ", ".join(missing))
+    # `layers`: what the submission's sandboxes applied, or, when none ran, what the machine offers.
+    if missing := [f"{n} ({state})" for n, state in layers.items() if state != "available"]:
+        messages.append("Sandbox layers not applied to this submission: " + ", ".join(missing))
     result = SubmissionResult(
         status=status, tests=outcomes, questions=question_scores(config, outcomes),
         messages=messages, sandbox_layers=dict(layers), answers=answers_by_question(submission),
@@ -53,9 +55,8 @@ def execution_messages(execution) -> list[str]:
     messages = []
     for index in sorted(execution.cells):
         cell = execution.cells[index]
-        if cell.get("status") in ("timeout", "crashed", "refused"):
-            error = cell.get("error") or {}
-            messages.append(f"Cell {index}: {cell['status']}: {error.get('message', '')}".rstrip(": "))
+        if cell.status in ("timeout", "crashed", "refused"):
+            messages.append(f"Cell {index}: {cell.status}: {cell.error.message if cell.error else ''}".rstrip(": "))
     if execution.skipped:
         messages.append(f"Cells {sorted(execution.skipped)} were skipped when the notebook was run again "
                         f"after they stopped the process.")
@@ -80,15 +81,17 @@ def write_result(student_dir: Path, result: SubmissionResult) -> None:
         tmp.replace(student_dir / name)
 
 
-def save_figures(figures: list[dict], artifacts: dict[str, bytes], student_dir: Path | None) -> list[FigureSummary]:
+def save_figures(figures: list[FigureData | FigureError], artifacts: dict[str, bytes],
+                 student_dir: Path | None) -> list[FigureSummary]:
     """Summaries of the figures the notebook drew; with `student_dir`, their PNGs and those the
-    hidden tests attached (`artifacts`) are written to its figures/."""
+    hidden tests attached (`artifacts`) are written to its figures/. Both lists are bounded
+    (gradelab.boundary.messages), and so are the files written."""
     summaries = []
     for fig in figures:
-        summary = FigureSummary(cell=int(fig.get("cell", -1)), index=int(fig.get("index", 0)),
-                                helper=fig.get("helper") if isinstance(fig.get("helper"), str) else None)
-        png = fig.get("png")
-        if student_dir and isinstance(png, bytes) and png.startswith(PNG_SIGNATURE):
+        drawn = isinstance(fig, FigureData)
+        summary = FigureSummary(cell=fig.cell, index=fig.index, helper=fig.helper if drawn else None)
+        if student_dir and drawn:
+            png = fig.png
             name = f"{FIGURES_DIR}/cell{summary.cell:03d}_{summary.index}.png"
             (student_dir / FIGURES_DIR).mkdir(parents=True, exist_ok=True)
             (student_dir / name).write_bytes(png)

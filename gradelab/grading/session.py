@@ -5,7 +5,7 @@
 
 The worker hands T a submission's job (the executed cells, the figures, the sandbox's RPC
 socket) and then reads T's messages: the tests collected, one verdict per test, requests for a
-fresh sandbox, the end. The supervisor (supervisor.py) owns the sandboxes and the deadline's
+fresh sandbox, the end (the records of gradelab.boundary.messages). The supervisor (supervisor.py) owns the sandboxes and the deadline's
 meaning; this module only carries the conversation.
 """
 
@@ -20,10 +20,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from gradelab.boundary import wire
+from gradelab.boundary import messages
+from gradelab.boundary.figures import FigureData
+from gradelab.boundary.messages import (CellOutcome, CellReport, Collected, DeathReply, DeathRequest, Done, Failed,
+                                        JobReply, Outcome, RestartRequest, RunnerJob)
 from gradelab.boundary.records import TestOutcome
 from gradelab.grading.submission import Submission
-from gradelab.hidden.plugin import ARTIFACT_NAME, GradingContext
+from gradelab.hidden.plugin import GradingContext
 from gradelab.hidden.runner import serve_hidden_tests
 from gradelab.project import load_reference
 
@@ -33,9 +36,7 @@ class SessionEnd:
     """What T reported at the end of a submission's tests."""
 
     outcomes: list[TestOutcome]
-    student_seconds: float  # in the student's functions, called by the hidden tests
-    call_timeouts: int
-    artifacts: dict[str, bytes]  # figures the hidden tests attached
+    done: Done  # the calls' time and timeouts, the figures the tests attached, a malformed reply
 
 
 class SessionTimeout(Exception):
@@ -47,21 +48,24 @@ class SessionTimeout(Exception):
         self.outcomes = outcomes
 
 
-def runner_job(seed: int, cells: dict[int, dict], figures: list[dict], submission: Submission, *,
-               call_timeout: float, sandbox_lost: str | None) -> dict:
-    """What T is told of an executed submission: each cell's report (with its nbgrader id), the
-    figures, the seed, the time limit of a call; `sandbox_lost` says why no sandbox answers."""
-    grade_ids = {c.index: c.grade_id for c in submission.cells}
-    return {"seed": seed, "cells": [{**cell, "grade_id": grade_ids.get(index)} for index, cell in sorted(cells.items())],
-            "figures": figures, "call_timeout": call_timeout, "sandbox_lost": sandbox_lost}
+def runner_job(seed: int, cells: dict[int, CellOutcome], figures: list[FigureData], submission: Submission, *,
+               call_timeout: float, sandbox_lost: str | None, memory_mb: int) -> RunnerJob:
+    """What T is told of an executed submission: every code cell of the file (its nbgrader id and
+    source, and how it ran), the figures, the seed, the time limit of a call; `sandbox_lost` says
+    why no sandbox answers."""
+    reports = [CellReport(**dict(cells.get(c.index) or CellOutcome(index=c.index, status="not_run")),
+                          grade_id=c.grade_id, source=c.source)
+               for c in submission.cells]
+    return RunnerJob(seed=seed, cells=reports, figures=figures, call_timeout=call_timeout,
+                     sandbox_lost=sandbox_lost, memory_mb=memory_mb)
 
 
-def run_tests(runners: "TestRunners", payload: dict, rpc: socket.socket | None, deadline: float, *,
+def run_tests(runners: "TestRunners", job: RunnerJob, rpc: socket.socket | None, deadline: float, *,
               restart: Callable[[socket.socket], None], death_cause: Callable[[], str]) -> SessionEnd:
     """Run the hidden tests on one submission in a fresh T, until T is done or `deadline`.
 
     `rpc` is the sandbox's end for T (None: no sandbox, every request fails at once with the
-    payload's `sandbox_lost`). T may ask for a fresh sandbox (`restart` answers on the control
+    job's `sandbox_lost`). T may ask for a fresh sandbox (`restart` answers on the control
     socket) and how the last one ended (`death_cause`)."""
     control_parent, control_runner = socket.socketpair()
     dead_end = None
@@ -70,7 +74,7 @@ def run_tests(runners: "TestRunners", payload: dict, rpc: socket.socket | None, 
         dead.close()
         dead_end = rpc
     try:
-        runner = runners.start(payload, rpc, control_runner)
+        runner = runners.start(job, rpc, control_runner)
     finally:
         control_runner.close()
         if dead_end is not None:
@@ -83,32 +87,28 @@ def run_tests(runners: "TestRunners", payload: dict, rpc: socket.socket | None, 
             if remaining <= 0:
                 raise SessionTimeout(_merge(collected, verdicts))
             try:
-                message = wire.recv_msg(control_parent, timeout=remaining, max_bytes=64 << 20)
+                event = messages.receive(control_parent, messages.RUNNER_EVENT, timeout=remaining, max_bytes=64 << 20)
             except TimeoutError:
                 continue
-            except (EOFError, OSError, wire.WireError):
+            except (EOFError, OSError):
                 raise RuntimeError("the test runner stopped unexpectedly") from None
-            op = message.get("op")
-            if op == "collected":
-                collected = [TestOutcome(name=name, question=question, score=0.0, max_score=points,
-                                         status="timeout", visibility=visibility,
+            except messages.MalformedMessage as exc:
+                raise RuntimeError(f"the test runner sent malformed data ({exc})") from None
+            if isinstance(event, Collected):
+                collected = [TestOutcome(name=t.name, question=t.question, score=0.0, max_score=t.max_score,
+                                         status="timeout", visibility=t.visibility,
                                          output="not finished before the submission's time limit")
-                             for name, question, points, visibility in message["tests"]]
-            elif op == "outcome":
-                outcome = TestOutcome.model_validate(message["outcome"])
-                verdicts[(outcome.question, outcome.name)] = outcome
-            elif op == "restart":
+                             for t in event.tests]
+            elif isinstance(event, Outcome):
+                verdicts[(event.outcome.question, event.outcome.name)] = event.outcome
+            elif isinstance(event, RestartRequest):
                 restart(control_parent)
-            elif op == "death":  # the sandbox stopped answering: say how it ended
-                wire.send_msg(control_parent, {"why": death_cause()})
-            elif op == "done":
-                artifacts = {k: v for k, v in message.get("artifacts", {}).items()
-                             if ARTIFACT_NAME.match(k) and isinstance(v, bytes)}
-                return SessionEnd(outcomes=_merge(collected, verdicts),
-                                  student_seconds=float(message.get("student_seconds", 0.0)),
-                                  call_timeouts=int(message.get("call_timeouts", 0)), artifacts=artifacts)
-            elif op == "failed":
-                raise RuntimeError(message.get("message", "the hidden tests could not run"))
+            elif isinstance(event, DeathRequest):  # the sandbox stopped answering: say how it ended
+                messages.send(control_parent, DeathReply(why=death_cause()[:200]))
+            elif isinstance(event, Done):
+                return SessionEnd(outcomes=_merge(collected, verdicts), done=event)
+            elif isinstance(event, Failed):
+                raise RuntimeError(event.message or "the hidden tests could not run")
     finally:
         _kill(runner)
         control_parent.close()
@@ -128,19 +128,19 @@ class TestRunners:
         self.jobs: socket.socket | None = None
         self.pid = 0
 
-    def start(self, payload: dict, rpc: socket.socket, control: socket.socket) -> int:
+    def start(self, job: RunnerJob, rpc: socket.socket, control: socket.socket) -> int:
         """Fork a test runner for one submission; return a pidfd of it."""
         if self.jobs is None:
             self._spawn()
         try:
-            wire.send_msg(self.jobs, payload)
+            messages.send(self.jobs, job)
             socket.send_fds(self.jobs, [b"j"], [rpc.fileno(), control.fileno()])
-            reply = wire.recv_msg(self.jobs, timeout=120)  # the first job waits for the collection
-            if not reply.get("ok"):
-                raise RuntimeError(reply.get("message", "the hidden tests could not run"))
+            reply = messages.receive(self.jobs, JobReply, timeout=120)  # the first job waits for the collection
+            if not reply.ok:
+                raise RuntimeError(reply.message or "the hidden tests could not run")
             _, fds, _, _ = socket.recv_fds(self.jobs, 16, 1)
             return fds[0]
-        except (EOFError, OSError, TimeoutError, wire.WireError) as exc:
+        except (EOFError, OSError, TimeoutError, messages.MalformedMessage) as exc:
             self.close()
             raise RuntimeError(f"the hidden tests' runner stopped ({type(exc).__name__})") from None
 

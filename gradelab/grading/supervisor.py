@@ -21,44 +21,21 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 import torch
 
-from gradelab.boundary import wire
+from gradelab.boundary import messages
+from gradelab.boundary.figures import FigureData
+from gradelab.boundary.messages import CellEnd, CellError, CellOutcome, CellStart, Ready, RestartReply
 from gradelab.boundary.records import SubmissionResult, TestOutcome
 from gradelab.grading import environment, scoring, session
+from gradelab.grading.execution import Execution, MalformedSubmission, Stop, SubmissionTimeout, weakest
 from gradelab.grading.submission import BrokenNotebook, Submission, load_submission
 from gradelab.project import Project, file_hash, submission_seed
 from gradelab.sandbox import executor
 from gradelab.sandbox import launch as sandbox
-
-
-@dataclass
-class Execution:
-    """What the sandbox reported while running the notebook."""
-
-    cells: dict[int, dict] = field(default_factory=dict)
-    figures: list[dict] = field(default_factory=list)
-    skipped: set[int] = field(default_factory=set)
-    restarts: int = 0
-    call_seconds: float = 0.0  # in the student's functions, called by the hidden tests
-    cell_timeouts: int = 0  # cells stopped at the cell time limit, in every run of the notebook
-    call_timeouts: int = 0  # calls from the hidden tests stopped at the call time limit
-    artifacts: dict[str, bytes] = field(default_factory=dict)  # figures the hidden tests attached
-
-    @property
-    def student_seconds(self) -> float:
-        """Time spent running the student's code: cells (as the sandbox timed them) and calls."""
-        cells = sum(c.get("seconds", 0.0) for c in self.cells.values() if type(c.get("seconds")) is float)
-        return cells + self.call_seconds
-
-    @property
-    def figure_seconds(self) -> float:
-        """Of `student_seconds`: rendering the figures at the end of their cells."""
-        return sum(c["render_seconds"] for c in self.cells.values() if type(c.get("render_seconds")) is float)
 
 
 class Grader:
@@ -112,42 +89,50 @@ class Grader:
 
     def grade(self, path: Path, student_id: str, *, out_dir: Path | None = None) -> SubmissionResult:
         """Grade one notebook. With `out_dir`, also write `<out_dir>/<student_id>/` (results.json in
-        Gradescope's format, submission.json, the captured figures)."""
+        Gradescope's format, submission.json, the captured figures).
+
+        Whatever the submission holds or its sandbox sends, this returns its result; only a machine
+        that cannot grade at all (environment.HiddenPythonError) raises."""
         started = time.monotonic()
         path = Path(path)
         base = dict(student_id=student_id, source=str(path), content_hash=file_hash(path),
                     max_score=self.config.max_score)
+        student_dir = out_dir / student_id if out_dir else None
         try:
-            submission = load_submission(path, self.release_notebook)
-        except BrokenNotebook as exc:
-            result = scoring.broken_result(self.config, exc, **base)
-            result.grading_time = round(time.monotonic() - started, 3)
-            if out_dir:
-                scoring.write_result(out_dir / student_id, result)
-            return result
-        submission.private_paths = _private_paths(path, out_dir, [*self.python_trees, Path(__file__).parent])
-        seed = submission_seed(self.config.assignment.seed, base["content_hash"])
-        try:
-            outcomes, execution, messages = self._grade_executed(submission, seed)
-            self._confirm_imports(execution, submission)
-            status = "graded"
-        except SubmissionTimeout as exc:
-            outcomes, execution, messages = exc.outcomes, exc.execution, [str(exc)]
-            status = "timeout"
+            result = self._grade_loaded(path, out_dir, student_dir, base)
         except environment.HiddenPythonError:  # the machine's fault, not this submission's: stop
             raise
         except Exception as exc:  # the grader's own fault: report it, and let the batch go on
-            outcomes, execution = [], Execution()
-            messages = [f"The grader failed on this submission ({type(exc).__name__}: {exc}); "
-                        f"it was not graded and needs the instructor's attention."]
-            status = "crashed"
-        result = scoring.submission_result(self.config, status=status, outcomes=outcomes, execution=execution,
-                                           messages=messages, submission=submission, layers=self.layers, **base)
-        student_dir = out_dir / student_id if out_dir else None
-        result.figures = scoring.save_figures(execution.figures, execution.artifacts, student_dir)
+            result = scoring.unrun_result(self.config, "crashed", (
+                f"The grader failed on this submission ({type(exc).__name__}: {str(exc)[:300]}); "
+                f"it was not graded and needs the instructor's attention."), **base)
         result.grading_time = round(time.monotonic() - started, 3)
         if student_dir:
             scoring.write_result(student_dir, result)
+        return result
+
+    def _grade_loaded(self, path: Path, out_dir: Path | None, student_dir: Path | None, base: dict) -> SubmissionResult:
+        try:
+            submission = load_submission(path, self.release_notebook)
+        except BrokenNotebook as exc:
+            return scoring.unrun_result(self.config, "broken", f"This file could not be graded: {exc}.", **base)
+        submission.private_paths = _private_paths(path, out_dir, [*self.python_trees, Path(__file__).parent])
+        seed = submission_seed(self.config.assignment.seed, base["content_hash"])
+        try:
+            outcomes, execution, notes = self._grade_executed(submission, seed)
+            self._confirm_imports(execution, submission)
+            status = "graded"
+        except SubmissionTimeout as exc:
+            outcomes, execution, notes = exc.outcomes, exc.execution, [str(exc)]
+            status = "timeout"
+        except MalformedSubmission as exc:
+            return scoring.unrun_result(self.config, "malformed", (
+                f"This submission could not be graded: the sandbox sent malformed data ({exc}). The grader's "
+                f"own code inside the sandbox was changed or bypassed."), **base)
+        result = scoring.submission_result(self.config, status=status, outcomes=outcomes, execution=execution,
+                                           messages=notes, submission=submission,
+                                           layers=execution.layers or self.layers, **base)
+        result.figures = scoring.save_figures(execution.figures, execution.artifacts, student_dir)
         return result
 
     def _confirm_imports(self, execution: Execution, submission: Submission) -> None:
@@ -198,7 +183,7 @@ class Grader:
                                     hide=self.project.secret_paths() + private, require=self.require_sandbox)
         ctl_child.close()
         rpc_child.close()
-        return box, ctl_parent, rpc_runner
+        return box, ctl_parent, rpc_runner, [i for i, _ in cells]
 
     def _execute(self, submission: Submission, seed: int, execution: Execution, deadline: float):
         """Run the notebook in a fresh sandbox, skipping cells that killed an earlier one.
@@ -207,9 +192,19 @@ class Grader:
         skip = set(self.config.skip_when_grading)
         while True:
             cells = [(i, src) for i, src in submission.to_execute(skip) if i not in execution.skipped]
-            box, ctl, rpc = self._spawn_sandbox(cells, seed, submission.private_paths)
-            stop = self._follow(box, ctl, execution, deadline)
-            ctl.close()
+            box, ctl, rpc, order = self._spawn_sandbox(cells, seed, submission.private_paths)
+            # The box is torn down (killed, reaped, its cgroups removed) on every way out but the
+            # one that hands it to the tests, before the next box of this worker starts.
+            try:
+                execution.layers = weakest(execution.layers, box.layers)
+                stop = self._follow(box, ctl, order, execution, deadline)
+            except BaseException:
+                box.kill()
+                box.cleanup()
+                rpc.close()
+                raise
+            finally:
+                ctl.close()
             if stop is None:
                 return box, rpc
             execution.cell_timeouts += stop.status == "timeout"
@@ -220,47 +215,54 @@ class Grader:
             if stop.cell < 0:
                 raise SubmissionTimeout(f"the sandbox could not start ({stop.why}; layers: {layers})", [], execution)
             # The cell's own clock died with the process: the supervisor's stands in for it.
-            execution.cells[stop.cell] = {"index": stop.cell, "status": stop.status, "seconds": stop.seconds,
-                                          "error": {"type": "Killed", "message": stop.why}}
-            # Each run skips one more of the notebook's cells, so this ends; a stop in a cell that
-            # was not run can only be a forged progress message.
-            if stop.cell not in dict(cells) or time.monotonic() > deadline:
+            execution.keep(CellOutcome(index=stop.cell, status=stop.status, seconds=stop.seconds,
+                                       error=CellError(type="Killed", message=stop.why[:500])))
+            # Each run skips one more of the notebook's cells (_follow admits only cells it was given).
+            if time.monotonic() > deadline:
                 raise SubmissionTimeout("the notebook could not be run to the end", [], execution)
             execution.skipped.add(stop.cell)
             execution.restarts += 1
 
-    def _follow(self, box, ctl: socket.socket, execution: Execution, deadline: float) -> "_Stop | None":
+    def _follow(self, box, ctl: socket.socket, order: list[int], execution: Execution,
+                deadline: float) -> "Stop | None":
         """Read the sandbox's progress until it is ready for the tests (None), or say in which
-        cell it died or hung (cell -1: before running any)."""
-        current, cell_started = -1, time.monotonic()
+        cell it died or hung (cell -1: before running any).
+
+        The sandbox must report exactly the cells it was given, in order (a start and an end
+        each), then Ready: anything else, or a record that does not validate, is tampering
+        (MalformedSubmission)."""
+        current, reported, cell_started = -1, 0, time.monotonic()
         cell_deadline = time.monotonic() + 30  # start-up
 
-        def stop(status: str, why: str) -> _Stop:
-            return _Stop(current, status, time.monotonic() - cell_started, why)
+        def stop(status: str, why: str) -> Stop:
+            return Stop(current, status, time.monotonic() - cell_started, why)
 
         while True:
             timeout = max(0.05, min(cell_deadline, deadline) - time.monotonic())
+            done = reported == len(order)
             try:
-                message = wire.recv_msg(ctl, timeout=timeout, max_bytes=128 << 20)
+                event = messages.receive(ctl, messages.SANDBOX_EVENT, timeout=timeout,
+                                         max_bytes=messages.MAX_READY_BYTES if done else messages.MAX_EVENT_BYTES)
             except TimeoutError:
                 limit = self.config.limits.cell_timeout
                 return stop("timeout", f"the cell ran longer than {limit:g} s and was stopped")
-            except (EOFError, OSError, wire.WireError):
+            except (EOFError, OSError):
                 return stop("crashed", f"the process ended during this cell ({self._death_cause(box)})")
-            event = message.get("event") if isinstance(message, dict) else None
-            if event == "cell_start":
-                current, cell_started = int(message["index"]), time.monotonic()
+            except messages.MalformedMessage as exc:
+                raise MalformedSubmission(str(exc)) from None
+            if isinstance(event, CellStart) and current < 0 and not done and event.index == order[reported]:
+                current, cell_started = event.index, time.monotonic()
                 cell_deadline = time.monotonic() + self.config.limits.cell_timeout + 5
-            elif event == "cell_end":
-                execution.cells[int(message["index"])] = message
-                execution.cell_timeouts += message.get("status") == "timeout"
-                current = -1
+            elif isinstance(event, CellEnd) and event.cell.index == current >= 0:
+                execution.keep(event.cell)
+                execution.cell_timeouts += event.cell.status == "timeout"
+                current, reported = -1, reported + 1
                 cell_deadline = time.monotonic() + 30
-            elif event == "ready":
-                execution.figures = [f for f in message.get("figures", []) if isinstance(f, dict)]
+            elif isinstance(event, Ready) and done and current < 0:
+                execution.figures = list(event.figures)
                 return None
             else:
-                return stop("crashed", "the process sent an unexpected message")
+                raise MalformedSubmission(f"a {type(event).__name__} message out of order")
 
     # -------------------------------------------------------------- test runner
 
@@ -288,8 +290,9 @@ class Grader:
         return outcomes, execution, messages
 
     def _run_tests(self, rpc, seed, execution, deadline, boxes, submission, lost=None) -> list[TestOutcome]:
-        job = session.runner_job(seed, execution.cells, execution.figures, submission,
-                                 call_timeout=self.config.limits.test_timeout, sandbox_lost=lost)
+        figures = [f for f in execution.figures if isinstance(f, FigureData)]
+        job = session.runner_job(seed, execution.cells, figures, submission, call_timeout=self.config.limits.test_timeout,
+                                 sandbox_lost=lost, memory_mb=self.config.limits.grader_memory_mb)
         try:
             end = session.run_tests(
                 self.runners, job, rpc, deadline,
@@ -299,9 +302,11 @@ class Grader:
         except session.SessionTimeout as exc:
             raise SubmissionTimeout(f"grading took longer than {self.config.limits.submission_timeout:g} s; "
                                     f"the tests that had not finished score 0", exc.outcomes, execution) from None
-        execution.call_seconds = end.student_seconds
-        execution.call_timeouts = end.call_timeouts
-        execution.artifacts = end.artifacts
+        if end.done.malformed:
+            raise MalformedSubmission(end.done.malformed)
+        execution.call_seconds = end.done.student_seconds
+        execution.call_timeouts = end.done.call_timeouts
+        execution.artifacts = end.done.artifacts
         return end.outcomes
 
     def _retire(self, boxes: list) -> None:
@@ -330,34 +335,20 @@ class Grader:
         self._retire(boxes)
         execution.restarts += 1
         # Execution is deterministic: a cell that timed out would time out again.
-        timed_out = {i for i, cell in execution.cells.items() if cell.get("status") == "timeout"}
+        timed_out = {i for i, cell in execution.cells.items() if cell.status == "timeout"}
         rerun = Execution(skipped=execution.skipped | timed_out)
         try:
             box, rpc = self._execute(submission, seed, rerun, deadline)
         except SubmissionTimeout:
-            wire.send_msg(control, {"ok": False, "message": "the notebook could not be run again"})
+            messages.send(control, RestartReply(ok=False, message="the notebook could not be run again"))
             return
         finally:
             execution.cell_timeouts += rerun.cell_timeouts
+            execution.layers = weakest(execution.layers, rerun.layers)
         boxes.append(box)
-        wire.send_msg(control, {"ok": True})
+        messages.send(control, RestartReply(ok=True))
         socket.send_fds(control, [b"f"], [rpc.fileno()])
         rpc.close()
-
-
-@dataclass
-class _Stop:
-    cell: int
-    status: str
-    seconds: float  # since the cell started, as the supervisor saw it
-    why: str
-
-
-class SubmissionTimeout(Exception):
-    def __init__(self, message: str, outcomes: list[TestOutcome], execution: Execution):
-        super().__init__(message)
-        self.outcomes = outcomes
-        self.execution = execution
 
 
 def _reap_sandboxes(boxes: list) -> None:

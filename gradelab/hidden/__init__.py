@@ -14,8 +14,8 @@ are plain, validated data; nothing the student wrote runs here.
         assert_tensor_close(got, torch.sigmoid(x), "my_sigmoid(x)")
 
 Below, the API for hidden-test authors. The modules: proxy (the `student` fixture's proxy and
-the StudentProblem family), assertions, distributions, plotcheck, training, plugin (fixtures,
-hooks, verdicts) and runner (the zygote and its runners).
+the StudentProblem family), assertions, distributions, plotcheck, training, sourcecheck (checks
+of the code as submitted), plugin (fixtures, hooks, verdicts) and runner (the zygote and its runners).
 """
 
 from gradelab.boundary.modelspec import activations_between, layer, linear_shapes

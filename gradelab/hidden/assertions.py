@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from gradelab.boundary import wire
 
@@ -30,13 +32,37 @@ def expect_tensor(value: Any, what: str, *, shape: tuple[int, ...] | None = None
 
 
 def expect_number(value: Any, what: str) -> float:
-    """`value` (an int or a float, not a bool) as a float, else an AssertionError naming it."""
+    """`value` (an int or a finite float, not a bool) as a float, else an AssertionError naming it."""
     if type(value) not in (int, float):
         raise AssertionError(f"{what} should be a number, got {wire.describe_value(value)}")
     try:
-        return float(value)
+        number = float(value)
     except OverflowError:
         raise AssertionError(f"{what} is an integer too large for a float ({value.bit_length()} bits)") from None
+    if not math.isfinite(number):
+        raise AssertionError(f"{what} is {number}, not a finite number")
+    return number
+
+
+def largest_magnitude(values: torch.Tensor) -> float:
+    """The largest absolute value, or inf when a value is NaN or infinite (0 for no values).
+    Every comparison with NaN is false, so "the gradient is zero" written as `not (g.abs() > 0).any()`
+    would hold for a NaN gradient; `largest_magnitude(g) == 0` and `< threshold` do not."""
+    if values.numel() == 0:
+        return 0.0
+    if not bool(torch.isfinite(values).all()):
+        return math.inf
+    return float(values.abs().max())
+
+
+def expect_finite_parameters(model: nn.Module, what: str) -> None:
+    """An AssertionError naming the first parameter of `model` that holds a NaN or an infinity."""
+    for name, parameter in model.named_parameters():
+        bad = int((~torch.isfinite(parameter.detach())).sum())
+        if bad:
+            layer, _, kind = name.rpartition(".")
+            raise AssertionError(f"{what} has {bad} of {parameter.numel()} {kind} values NaN or infinite "
+                                 f"(layer {layer}): weights and biases must be finite numbers")
 
 
 def assert_tensor_close(got: Any, expected: torch.Tensor, what: str, *, atol: float = 1e-6, rtol: float = 1e-5,
@@ -44,9 +70,12 @@ def assert_tensor_close(got: Any, expected: torch.Tensor, what: str, *, atol: fl
     """Compare here, on plain tensors; the message shows expected vs got on a few elements."""
     expect_tensor(got, what, shape=tuple(expected.shape), floating=True)
     got64, exp64 = got.to(torch.float64), expected.to(torch.float64)
+    # isclose is false for NaN (equal_nan is off), and for an infinity unless the same one is expected.
     bad = ~torch.isclose(got64, exp64, atol=atol, rtol=rtol)
     if bad.any():
         i = int(bad.flatten().nonzero()[0])
         at = "" if sample is None else f" at input {sample.flatten()[i].item():.4g}"
+        nonfinite = int((~torch.isfinite(got64) & torch.isfinite(exp64)).sum())
+        at += f" ({nonfinite} values are NaN or infinite)" if nonfinite else ""
         raise AssertionError(f"{what} is wrong for {int(bad.sum())} of {bad.numel()} values: "
                              f"e.g. expected {exp64.flatten()[i].item():.6g}, got {got64.flatten()[i].item():.6g}{at}")

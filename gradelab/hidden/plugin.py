@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import torch
 
-from gradelab.boundary.figures import PNG_SIGNATURE
+from gradelab.boundary.figures import PNG_SIGNATURE, FigureData
+from gradelab.boundary.messages import MAX_ARTIFACTS, CellReport, Collected, CollectedTest, Outcome, Record
 from gradelab.boundary.records import TestOutcome, TestStatus
 from gradelab.hidden.proxy import SandboxLink, StudentProblem, StudentProxy
 
-ARTIFACT_NAME = re.compile(r"^[a-z0-9_]{1,80}_(student|reference)\.png$")
+ARTIFACT_NAME = re.compile(r"^[a-z0-9_]{1,80}_(student|reference)\.png$")  # as messages.Done admits
 
 
 def seed_for_test(submission_seed: int, nodeid: str) -> int:
@@ -30,8 +31,8 @@ class GradingContext:
 
     link: SandboxLink
     seed: int
-    cells: list[dict]
-    figures: list[dict]
+    cells: list[CellReport]
+    figures: list[FigureData]
     reference: Any
     reference_data: dict
     question_points: dict[str, float]
@@ -47,7 +48,7 @@ class _Collected:
     max_score: float = 0.0
 
 
-Report = Callable[[dict], None]  # sends one message to the supervisor
+Report = Callable[[Record], None]  # sends one message to the supervisor
 
 
 @dataclass
@@ -95,11 +96,13 @@ class GradingPlugin:
         return self.ctx.reference_data
 
     @pytest.fixture
-    def figures(self) -> list[dict]:
+    def figures(self) -> list[FigureData]:
+        """The figures the notebook drew, validated; those that could not be read are left out."""
         return self.ctx.figures
 
     @pytest.fixture
-    def executed_cells(self) -> list[dict]:
+    def executed_cells(self) -> list[CellReport]:
+        """How each cell ran, in order, with its nbgrader grade_id and source."""
         return self.ctx.cells
 
     @pytest.fixture
@@ -110,7 +113,8 @@ class GradingPlugin:
     def attach(self) -> Callable[[str, bytes], None]:
         """attach("q2_2_fig_sig_reference.png", png): a figure for the feedback pages."""
         def add(name: str, png: bytes) -> None:
-            if ARTIFACT_NAME.match(name) and isinstance(png, bytes) and png.startswith(PNG_SIGNATURE):
+            if (ARTIFACT_NAME.match(name) and isinstance(png, bytes) and png.startswith(PNG_SIGNATURE)
+                    and len(self.artifacts) < MAX_ARTIFACTS):
                 self.artifacts[name] = png
         return add
 
@@ -140,8 +144,9 @@ class GradingPlugin:
     def announce(self) -> None:
         """Tell the supervisor every test a run will report, so that a deadline scores the
         unfinished ones as such."""
-        self.report({"op": "collected", "tests": [[c.name, c.question, c.max_score, c.visibility]
-                                                  for c in self._items.values()]})
+        self.report(Collected(op="collected", tests=[
+            CollectedTest(name=c.name, question=c.question, max_score=c.max_score, visibility=c.visibility)
+            for c in self._items.values()]))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item) -> None:
@@ -161,7 +166,7 @@ class GradingPlugin:
             outcome = TestOutcome(name=c.name, question=c.question, max_score=c.max_score,
                                   score=c.max_score if status == "passed" else 0.0, status=status, output=output,
                                   visibility=c.visibility, duration=round(seconds, 4))
-            self.report({"op": "outcome", "outcome": outcome.model_dump()})
+            self.report(Outcome(op="outcome", outcome=outcome))
         return report
 
 

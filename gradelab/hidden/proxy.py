@@ -14,7 +14,11 @@ from typing import Any
 
 import torch
 
-from gradelab.boundary import modelspec, wire
+from gradelab.boundary import messages, modelspec
+from gradelab.boundary.messages import (CALL_OPS, ApplyRequest, CallGradRequest, CallOnModelRequest, CallRequest,
+                                        DeathReply, DeathRequest, DescribeRequest, GetRequest, KindsRequest,
+                                        ModuleDrawsRequest, ModuleRequest, RedrawRequest, RestartReply,
+                                        RestartRequest, RpcError, RpcRequest)
 from gradelab.boundary.records import TestStatus
 
 # ------------------------------------------------------------------ what a failing call tells the student
@@ -56,6 +60,9 @@ class SandboxLink:
     student_seconds: float = 0.0  # time the sandbox reports spending in the student's code
     call_timeouts: int = 0  # requests given up at call_timeout
     lost: str | None = None  # why there is no sandbox to ask (then every request fails with this)
+    # The first reply that was not one a sandbox running gradelab's code can send: the submission
+    # tampered with the sandbox, and the supervisor rejects it as a whole.
+    malformed: str | None = None
 
     def restart(self) -> None:
         """Ask the supervisor for a fresh sandbox (it re-executes the notebook) and take its socket."""
@@ -64,10 +71,10 @@ class SandboxLink:
         if self.lost is not None:
             raise SandboxLost(self.lost)
         self.rpc.close()
-        wire.send_msg(self.control, {"op": "restart"})
-        reply = wire.recv_msg(self.control, timeout=None)
-        if not reply.get("ok"):
-            self.lost = str(reply.get("message", "the student's process could not be restarted"))
+        messages.send(self.control, RestartRequest(op="restart"))
+        reply = messages.receive(self.control, RestartReply, timeout=None)
+        if not reply.ok:
+            self.lost = reply.message or "the student's process could not be restarted"
             raise SandboxLost(self.lost)
         _, fds, _, _ = socket.recv_fds(self.control, 16, 1)
         self.rpc = socket.socket(fileno=fds[0])
@@ -78,10 +85,8 @@ class SandboxLink:
         status 0", "killed by SIGSEGV", "out of memory, limit 2048 MB", ..."""
         if self.control is None:
             return "no exit status known"
-        wire.send_msg(self.control, {"op": "death"})
-        reply = wire.recv_msg(self.control, timeout=None)
-        why = reply.get("why") if isinstance(reply, dict) else None
-        return why[:200] if isinstance(why, str) else "no exit status known"
+        messages.send(self.control, DeathRequest(op="death"))
+        return messages.receive(self.control, DeathReply, timeout=None).why[:200]
 
 
 class StudentProxy:
@@ -96,18 +101,17 @@ class StudentProxy:
         # by the number of names the hidden tests ask for.
         self._remembered: dict[str | None, StudentProblem] = {}
 
-    def _request(self, op: str, name: str | None = None, *, seed: int | None = None, **fields: Any) -> Any:
+    def _request(self, request: RpcRequest) -> Any:
+        name = getattr(request, "name", None)
         if name in self._remembered:
             raise self._remembered[name]
         if self._broken or self._link.lost is not None:
             self._link.restart()
             self._broken = False
-        message = {"op": op, "seed": self._seed if seed is None else seed, **fields}
-        if name is not None:
-            message["name"] = name
         try:
-            wire.send_msg(self._link.rpc, message)
-            reply = wire.recv_msg(self._link.rpc, timeout=self._link.call_timeout, max_bytes=256 << 20)
+            messages.send(self._link.rpc, request)
+            reply = messages.receive(self._link.rpc, messages.RPC_REPLY, timeout=self._link.call_timeout,
+                                     max_bytes=messages.MAX_REPLY_BYTES)
         except TimeoutError:
             self._link.student_seconds += self._link.call_timeout
             self._link.call_timeouts += 1
@@ -115,24 +119,22 @@ class StudentProxy:
                                                      f"{self._link.call_timeout:g} s")
             self._remember(name, StudentTimeout(f"{problem} in an earlier test"))
             raise problem from None
-        except wire.WireError as exc:
+        except messages.MalformedMessage as exc:
+            self._link.malformed = self._link.malformed or f"a reply about {_subject(name)}: {exc}"
             problem = StudentError(f"the reply about {_subject(name)} could not be read: {exc}")
             self._remember(name, problem)
             raise problem from None
         except (EOFError, OSError):
             cause = self._link.death_cause()
-            ended = (f"{_subject(name)} ended the student's process when called" if op in CALL_OPS
+            ended = (f"{_subject(name)} ended the student's process when called" if request.op in CALL_OPS
                      else f"the student's process ended while the grader was reading {_subject(name)}")
             problem = StudentError(f"{ended} ({cause})")
             self._remember(name, problem)
             raise problem from None
-        if not isinstance(reply, dict) or type(reply.get("ok")) is not bool:
-            raise StudentError("the student's process sent a malformed reply")
-        if type(reply.get("seconds")) is float:
-            self._link.student_seconds += min(max(reply["seconds"], 0.0), self._link.call_timeout)
-        if reply["ok"]:
-            return reply.get("value")
-        raise _problem_from(reply.get("error"), name, op)
+        self._link.student_seconds += min(reply.seconds, self._link.call_timeout)
+        if reply.ok:
+            return reply.value
+        raise _problem_from(reply.error, name, request.op)
 
     def _remember(self, name: str | None, later: StudentProblem) -> None:
         """The sandbox is unusable after a request for `name` hung or ended it: restart it before the
@@ -141,17 +143,17 @@ class StudentProxy:
         self._remembered[name] = later
 
     def kinds(self, *names: str) -> dict[str, str]:
-        return self._request("kinds", names=list(names))
+        return self._request(KindsRequest(op="kinds", seed=self._seed, names=list(names)))
 
     def get(self, name: str) -> Any:
-        return self._request("get", name)
+        return self._request(GetRequest(op="get", seed=self._seed, name=name))
 
     def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self._request("call", name, args=list(args), kwargs=kwargs)
+        return self._request(CallRequest(op="call", seed=self._seed, name=name, args=list(args), kwargs=kwargs))
 
     def call_grad(self, name: str, x: torch.Tensor) -> dict:
         """fn(x) with x tracking gradients: {"value", "grad", "tracks_grad"}."""
-        reply = self._request("call_grad", name, args=[x])
+        reply = self._request(CallGradRequest(op="call_grad", seed=self._seed, name=name, args=[x]))
         if (type(reply) is not dict or set(reply) != {"value", "grad", "tracks_grad"}
                 or type(reply["tracks_grad"]) is not bool
                 or reply["grad"] is not None and type(reply["grad"]) is not torch.Tensor):
@@ -162,13 +164,15 @@ class StudentProxy:
                **kwargs: Any) -> tuple[torch.nn.Sequential, dict]:
         """Call a model-building function (torch seeded with `seed`); return the rebuilt model
         and its description."""
-        described = self._request("module", name, args=list(args), kwargs=kwargs, probe=probe, seed=seed)
+        described = self._request(ModuleRequest(op="module", seed=self._seed if seed is None else seed, name=name,
+                                                args=list(args), kwargs=kwargs, probe=probe))
         return _rebuild(described, probe, name)
 
     def module_draws(self, name: str, *args: Any, seeds: list[int], **kwargs: Any) -> list[list[torch.Tensor]]:
         """Call a model-building function once per seed (torch seeded with it); the parameters of
         each model, in one round trip. For distributions: the architecture is judged by `module`."""
-        draws = self._request("module_draws", name, args=list(args), kwargs=kwargs, seeds=list(seeds))
+        draws = self._request(ModuleDrawsRequest(op="module_draws", seed=self._seed, name=name, args=list(args),
+                                                 kwargs=kwargs, seeds=list(seeds)))
         if (type(draws) is not list or len(draws) != len(seeds)
                 or not all(type(d) is list and all(type(t) is torch.Tensor for t in d) for d in draws)):
             raise StudentError(f"the models from `{name}` could not be read")
@@ -178,7 +182,8 @@ class StudentProxy:
         """Run the notebook's cell `cell` (an index from `executed_cells`) again once per seed,
         torch seeded with it, in a copy of the notebook's namespace; the values of `names` after
         each run. More draws of the values a cell makes at random; the notebook keeps its own."""
-        draws = self._request("redraw", cell=cell, names=list(names), seeds=list(seeds))
+        draws = self._request(RedrawRequest(op="redraw", seed=self._seed, cell=cell, names=list(names),
+                                            seeds=list(seeds)))
         if (type(draws) is not list or len(draws) != len(seeds)
                 or not all(type(d) is list and len(d) == len(names) for d in draws)):
             raise StudentError(f"the values of {', '.join(names)} from cell {cell} could not be read")
@@ -186,19 +191,22 @@ class StudentProxy:
 
     def model(self, name: str, *, probe: torch.Tensor) -> tuple[torch.nn.Sequential, dict]:
         """The model held in the notebook variable `name`, rebuilt here."""
-        return _rebuild(self._request("describe", name, probe=probe), probe, name)
+        return _rebuild(self._request(DescribeRequest(op="describe", seed=self._seed, name=name, probe=probe)),
+                        probe, name)
 
     def apply(self, name: str, model: torch.nn.Sequential, *args: Any, probe: torch.Tensor,
               mode: str = "apply") -> tuple[torch.nn.Sequential, dict]:
         """Let the student's `name` change a standard model: `model.apply(name(*args))` (mode
         "apply") or `name(model, *args)` (mode "call"). Returns the changed model, rebuilt here."""
         layers, state = describe_standard(model)
-        described = self._request("apply", name, spec=layers, state=state, args=list(args), mode=mode, probe=probe)
+        described = self._request(ApplyRequest(op="apply", seed=self._seed, name=name, spec=layers, state=state,
+                                               args=list(args), mode=mode, probe=probe))
         return _rebuild(described, probe, name)
 
     def call_on_model(self, name: str, model: torch.nn.Sequential, *args: Any) -> Any:
         layers, state = describe_standard(model)
-        return self._request("call_on_model", name, spec=layers, state=state, args=list(args))
+        return self._request(CallOnModelRequest(op="call_on_model", seed=self._seed, name=name, spec=layers,
+                                                state=state, args=list(args)))
 
 
 def describe_standard(model: torch.nn.Sequential) -> tuple[list[dict], list[torch.Tensor]]:
@@ -214,8 +222,6 @@ def _rebuild(described: Any, probe: torch.Tensor, name: str) -> tuple[torch.nn.S
         raise StudentError(f"the model from `{name}` cannot be checked: {exc}") from None
 
 
-# Requests that run one of the student's functions or classes (the others read a variable).
-CALL_OPS = frozenset({"call", "call_grad", "module", "module_draws", "apply", "call_on_model"})
 # What the student should know about an exception that is not an error in the usual sense.
 _EXCEPTION_HINTS = {
     "SystemExit": "exit(), quit() and sys.exit() end a program: a graded function must return its result",
@@ -227,15 +233,12 @@ def _subject(name: str | None) -> str:
     return f"`{name}`" if name else "the notebook"
 
 
-def _problem_from(error: Any, name: str | None, op: str = "call") -> StudentProblem:
-    if not isinstance(error, dict):
-        return StudentError("the student's process sent a malformed error")
-    kind = str(error.get("type", "Error"))[:100]
-    message = str(error.get("message", ""))[:1500]
-    if error.get("missing"):
+def _problem_from(error: RpcError, name: str | None, op: str = "call") -> StudentProblem:
+    kind, message = error.type[:100], error.message[:1500]
+    if error.missing:
         return NotAnswered(f"`{message}` is not defined: the cell that defines it is not answered yet, "
                            f"failed to run, is missing, or the name was changed")
-    if error.get("not_answered"):
+    if error.not_answered:
         return NotAnswered(f"`{name}` is not answered yet (it raises {kind})")
     if kind == "ModelSpecError":
         return StudentError(f"`{name}`: {message}")

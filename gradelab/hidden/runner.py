@@ -12,20 +12,22 @@ from dataclasses import dataclass
 import pytest
 from _pytest.main import pytest_runtestloop as run_collected_tests  # pytest's own loop, run per runner
 
-from gradelab.boundary import wire
+from gradelab.boundary import messages
+from gradelab.boundary.messages import Done, Failed, JobReply, RunnerJob
 from gradelab.hidden.plugin import GradingContext, GradingPlugin, Report
 from gradelab.hidden.proxy import SandboxLink
+from gradelab.memory import limit_address_space
 
 
 def serve_hidden_tests(tests_dir: str, template: GradingContext, jobs: socket.socket) -> int:
     """Main of the test-runner zygote: collect the hidden tests once, then for every job on
     `jobs` fork a runner that runs the collected tests against one submission.
 
-    A job is a message {"seed", "cells", "figures", "call_timeout", "sandbox_lost"} followed by two file
-    descriptors: the socket to the submission's sandbox and the socket to the supervisor, which
-    receives the runner's messages ("collected", one "outcome" per test, then "done" or
-    "failed") and answers its questions ("death": how the sandbox just ended; "restart": a new
-    sandbox). The reply is {"ok": true} plus a pidfd of the runner, or {"ok": false, "message"}.
+    A job is a RunnerJob followed by two file descriptors: the socket to the submission's sandbox
+    and the socket to the supervisor, which receives the runner's messages (Collected, one Outcome
+    per test, then Done or Failed) and answers its questions (DeathRequest: how the sandbox just
+    ended; RestartRequest: a new sandbox). The reply is a JobReply, with a pidfd of the runner when ok
+    (gradelab.boundary.messages).
 
     Importing and collecting the tests costs more than most tests: here it is paid once per
     worker. Runners are forked from this process and sandboxes from the worker, so no student
@@ -63,6 +65,11 @@ class _RunnerZygote:
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished runners are reaped by the kernel
         while (job := self._next_job()) is not None:
             message, fds = job
+            if isinstance(message, str):  # not a job: say why, and wait for the next one
+                for fd in fds:
+                    os.close(fd)
+                messages.send(self.jobs, JobReply(ok=False, message=message))
+                continue
             go_read, go_write = os.pipe()
             pid = os.fork()
             if pid == 0:
@@ -74,41 +81,45 @@ class _RunnerZygote:
             os.write(go_write, b"g")
             for fd in (*fds, go_read, go_write):
                 os.close(fd)
-            wire.send_msg(self.jobs, {"ok": True})
+            messages.send(self.jobs, JobReply(ok=True))
             socket.send_fds(self.jobs, [b"p"], [pidfd])
             os.close(pidfd)
         return True
 
-    def _next_job(self) -> tuple[dict, list[int]] | None:
+    def _next_job(self) -> tuple[RunnerJob | str, list[int]] | None:
+        """The next job and its two sockets; a job that does not validate comes as the reason why."""
         try:
-            message = wire.recv_msg(self.jobs, timeout=None, max_bytes=512 << 20)
+            try:
+                job: RunnerJob | str = messages.receive(self.jobs, RunnerJob, timeout=None, max_bytes=512 << 20)
+            except messages.MalformedMessage as exc:
+                job = f"the grader sent a malformed job ({exc})"
             _, fds, _, _ = socket.recv_fds(self.jobs, 16, 2)
-        except (EOFError, OSError, wire.WireError):
+        except (EOFError, OSError):
             return None  # the worker is gone
-        return (message, fds) if len(fds) == 2 else None
+        return (job, fds) if len(fds) == 2 else None
 
-    def _run(self, session, message: dict, fds: list[int]) -> int:
+    def _run(self, session, job: RunnerJob, fds: list[int]) -> int:
         """In a forked runner: the collected tests against one submission."""
         rpc, control = (socket.socket(fileno=fd) for fd in fds)
-        report: Report = lambda m: wire.send_msg(control, m)  # noqa: E731
+        report: Report = lambda record: messages.send(control, record)  # noqa: E731
         try:
-            link = SandboxLink(rpc=rpc, control=control, call_timeout=float(message["call_timeout"]),
-                               lost=message.get("sandbox_lost"))
-            self.plugin.ctx = dataclasses.replace(self.plugin.ctx, link=link, seed=int(message["seed"]),
-                                                  cells=message["cells"], figures=message["figures"])
+            limit_address_space(job.memory_mb)
+            link = SandboxLink(rpc=rpc, control=control, call_timeout=job.call_timeout, lost=job.sandbox_lost)
+            self.plugin.ctx = dataclasses.replace(self.plugin.ctx, link=link, seed=job.seed,
+                                                  cells=job.cells, figures=job.figures)
             self.plugin.report = report
             self.plugin.announce()
             run_collected_tests(session)
-            report({"op": "done", "student_seconds": link.student_seconds, "call_timeouts": link.call_timeouts,
-                    "artifacts": self.plugin.artifacts})
+            report(Done(op="done", student_seconds=link.student_seconds, call_timeouts=link.call_timeouts,
+                        artifacts=self.plugin.artifacts, malformed=link.malformed))
             return 0
         except BaseException as exc:  # noqa: BLE001 - the supervisor must hear of any failure
-            report({"op": "failed", "message": f"{type(exc).__name__}: {exc}"[:2000]})
+            report(Failed(op="failed", message=f"{type(exc).__name__}: {exc}"[:2000]))
             return 1
 
     def refuse_all(self, why: str) -> None:
         while (job := self._next_job()) is not None:
             for fd in job[1]:
                 os.close(fd)
-            wire.send_msg(self.jobs, {"ok": False, "message": why})
+            messages.send(self.jobs, JobReply(ok=False, message=why))
 

@@ -18,6 +18,30 @@ _NUMPY_ACTIVATIONS = {
 }
 
 
+# What the trusted side agrees to train for a student. XOR needs a few hundred parameters; 5 models
+# at these limits train 10 000 steps in seconds, where depth costs most (each layer is numpy calls
+# per step: 40 Linear layers of width 8 take about ten times as long as 10 000 parameters in two).
+MAX_TRAINED_PARAMETERS = 10_000
+MAX_TRAINED_WIDTH = 256
+MAX_TRAINED_LAYERS = 32  # Linear layers and activations
+
+
+def check_training_budget(model: nn.Sequential, what: str) -> None:
+    """An AssertionError naming the limit when `model` (rebuilt, standard layers) is too large to
+    train: checked before any training, so a huge model costs the grader nothing."""
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    parameters = sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0) for m in linears)
+    widest = max((max(m.in_features, m.out_features) for m in linears), default=0)
+    for found, limit, measure in ((parameters, MAX_TRAINED_PARAMETERS, "parameters"),
+                                  (widest, MAX_TRAINED_WIDTH, "units in its widest layer"),
+                                  (len(model), MAX_TRAINED_LAYERS, "layers (Linear and activations)")):
+        if found > limit:
+            raise AssertionError(
+                f"{what} has {found:,} {measure}, so it was not trained: the grader trains networks of at "
+                f"most {MAX_TRAINED_PARAMETERS:,} parameters, {MAX_TRAINED_WIDTH} units per layer and "
+                f"{MAX_TRAINED_LAYERS} layers, and a few hundred parameters are plenty for this task")
+
+
 def train_logits_batched(models: list[nn.Sequential], inputs: torch.Tensor, targets: torch.Tensor, *,
                          steps: int, lr: float) -> torch.Tensor:
     """Train several rebuilt models of one architecture at once with full-batch SGD on
@@ -27,8 +51,10 @@ def train_logits_batched(models: list[nn.Sequential], inputs: torch.Tensor, targ
     every model as if alone, in one pass per step. Linear layers with sigmoid, tanh, (leaky) ReLU
     use hand-written backpropagation in numpy: at these tiny sizes a step is all per-operation
     overhead, and numpy's is a fraction of autograd's (5 models x 10 000 steps: 0.75 s instead of 1.9 s).
-    Other activations fall back to autograd.
+    Other activations fall back to autograd. A Linear layer without a bias trains without one.
+    Models past the training budget (`check_training_budget`) are refused before any step.
     """
+    check_training_budget(models[0], "the model")
     layers = list(models[0])
     if all(type(m) in _NUMPY_ACTIVATIONS for m in layers if not isinstance(m, nn.Linear)):
         return _train_numpy(models, layers, inputs, targets, steps=steps, lr=lr)
@@ -36,14 +62,13 @@ def train_logits_batched(models: list[nn.Sequential], inputs: torch.Tensor, targ
 
 
 def _stacked_parameters(models: list[nn.Sequential], layers: list[nn.Module]) -> tuple[list, list]:
-    """Per Linear layer: the models' weights (models, out, in) and biases (models, out), copied."""
+    """Per Linear layer: the models' weights (models, out, in) and biases (models, out), copied;
+    None for a layer built without a bias, which then trains without one, as it would alone."""
     weights, biases = [], []
     for i, module in enumerate(layers):
         if isinstance(module, nn.Linear):
             weights.append(torch.stack([m[i].weight.detach() for m in models]).clone())
-            biases.append(torch.stack([m[i].bias.detach() if m[i].bias is not None
-                                       else torch.zeros(module.out_features, dtype=weights[0].dtype)
-                                       for m in models]).clone())
+            biases.append(None if module.bias is None else torch.stack([m[i].bias.detach() for m in models]).clone())
     return weights, biases
 
 
@@ -52,7 +77,7 @@ def _train_numpy(models, layers, inputs, targets, *, steps: int, lr: float) -> t
     dtype = weights[0].numpy().dtype
     # Transposed weights (models, in, out) so that a layer is h @ w + b; biases as (models, 1, out).
     w = [np.ascontiguousarray(t.numpy().transpose(0, 2, 1)) for t in weights]
-    b = [t.numpy()[:, None, :].copy() for t in biases]
+    b = [None if t is None else t.numpy()[:, None, :].copy() for t in biases]
     x = np.broadcast_to(inputs.numpy().astype(dtype), (len(models), *inputs.shape))
     y = np.broadcast_to(targets.numpy().astype(dtype), (len(models), targets.shape[0]))
     lr = dtype.type(lr)
@@ -61,7 +86,7 @@ def _train_numpy(models, layers, inputs, targets, *, steps: int, lr: float) -> t
         h, k = x, 0
         for module in layers:
             if isinstance(module, nn.Linear):
-                z = h @ w[k] + b[k]
+                z = h @ w[k] if b[k] is None else h @ w[k] + b[k]
                 k += 1
             else:
                 z = _NUMPY_ACTIVATIONS[type(module)][0](h, module)
@@ -78,11 +103,12 @@ def _train_numpy(models, layers, inputs, targets, *, steps: int, lr: float) -> t
             k = len(w) - 1
             for module, h_in, h_out in reversed(track):
                 if isinstance(module, nn.Linear):
-                    grad_w, grad_b = h_in.transpose(0, 2, 1) @ delta, delta.sum(1, keepdims=True)
+                    grad_w = h_in.transpose(0, 2, 1) @ delta
+                    if b[k] is not None:
+                        b[k] -= lr * delta.sum(1, keepdims=True)
                     if k > 0:
                         delta = delta @ w[k].transpose(0, 2, 1)
                     w[k] -= lr * grad_w
-                    b[k] -= lr * grad_b
                     k -= 1
                 else:
                     delta = delta * _NUMPY_ACTIVATIONS[type(module)][1](h_in, h_out, module)
@@ -98,19 +124,21 @@ def _train_autograd(models, layers, inputs, targets, *, steps: int, lr: float) -
         h, k = x, 0
         for module in layers:
             if isinstance(module, nn.Linear):
-                h = torch.baddbmm(biases[k].unsqueeze(1), h, weights[k].transpose(1, 2))
+                h = (torch.bmm(h, weights[k].transpose(1, 2)) if biases[k] is None
+                     else torch.baddbmm(biases[k].unsqueeze(1), h, weights[k].transpose(1, 2)))
                 k += 1
             else:
                 h = module(h)
         return h.reshape(len(models), -1)
 
     for _ in range(steps):
-        params = [p.requires_grad_(True) for p in weights + biases]
+        params = [p.requires_grad_(True) for p in weights + biases if p is not None]
         loss = nn.functional.binary_cross_entropy_with_logits(forward(), y, reduction="none").mean(1).sum()
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_(lr * g)
-        weights, biases = [w.detach() for w in weights], [b.detach() for b in biases]
+        weights = [w.detach() for w in weights]
+        biases = [None if b is None else b.detach() for b in biases]
     with torch.no_grad():
         return forward()

@@ -11,7 +11,7 @@ answers and figures it shows are plain data the grader saved (escaped on every p
 | `pages`, `templates/` | what the pages share: the Jinja environment and templates, embedded images |
 | `screenshot` | a PNG of the report (headless Chromium) |
 | `exports`, `roster`, `late` | LMS files, rosters and matching, the late policy applied |
-| `csvfiles` | reading CSV files that come back from spreadsheets and LMSs |
+| `csvfiles` | reading CSV files that come back from spreadsheets and LMSs; the cell rule of every CSV written |
 """
 
 from __future__ import annotations

@@ -1,7 +1,14 @@
-"""Reading the CSV files people bring back from a spreadsheet or an LMS: rosters and review sheets.
+"""The CSV files people bring back from a spreadsheet or an LMS (rosters, review sheets), and the
+one rule for every cell gradelab writes into a CSV.
 
 They come in UTF-8 with or without a BOM (Excel and Canvas write one), and with the `;` or tab
 separators that spreadsheets use in locales where the comma is the decimal mark.
+
+Names, ids and comments are other people's text, and a spreadsheet runs a cell that starts with
+`=`, `+`, `-`, `@`, tab or CR as a formula (CSV or formula injection). `spreadsheet_text` gives
+such a cell a leading apostrophe, as OWASP recommends; numbers, negative ones included, stay
+numbers, so LMS score columns still import. `read_records` drops that apostrophe again, so a
+sheet gradelab wrote reads back as it was meant.
 """
 
 from __future__ import annotations
@@ -9,11 +16,29 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import re
 from pathlib import Path
 
 from gradelab.errors import GradelabError
 
 DELIMITERS = (",", ";", "\t")
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+_TEXT_MARK = "'"  # what spreadsheets take for "the rest is text"
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def spreadsheet_text(cell: str) -> str:
+    """`cell` as a spreadsheet shows it and never runs it: an apostrophe before a formula prefix."""
+    if cell.startswith(FORMULA_PREFIXES) and not _NUMBER.fullmatch(cell):
+        return _TEXT_MARK + cell
+    return cell
+
+
+def _as_written(cell: str) -> str:
+    """The text `spreadsheet_text` was given, for a cell it neutralised."""
+    if cell.startswith(_TEXT_MARK) and cell[1:].startswith(FORMULA_PREFIXES):
+        return cell[1:]
+    return cell
 
 
 def read_records(path: Path, error: type[GradelabError]) -> list[list[str]]:
@@ -25,7 +50,8 @@ def read_records(path: Path, error: type[GradelabError]) -> list[list[str]]:
         raise error(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 ({exc}); save it as 'CSV UTF-8'") from None
-    return list(csv.reader(io.StringIO(text, newline=""), delimiter=sniff_delimiter(text)))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sniff_delimiter(text))
+    return [[_as_written(cell) for cell in record] for record in reader]
 
 
 def sniff_delimiter(text: str) -> str:

@@ -19,6 +19,7 @@ from gradelab.config import LatePolicy, LmsSettings
 from gradelab.errors import GradelabError
 from gradelab.project import RESULTS_FILE, SUBMISSION_FILE, ResultsDir
 from gradelab.boundary.records import LateInfo, SubmissionResult
+from gradelab.publish.csvfiles import spreadsheet_text
 from gradelab.publish.late import apply_late, assess, format_points
 from gradelab.publish.roster import MatchRule, RosterEntry, match
 
@@ -222,6 +223,9 @@ def _write_moodle(lines: list[_Line], out: Path, settings: LmsSettings, report: 
         if not identifier:
             report.errors.append(f"{line.entry.name}: no {identifier_column} in the roster, so Moodle cannot place it")
             continue
+        if problem := _formula_key(identifier, identifier_column, "Moodle"):
+            report.errors.append(problem)
+            continue
         if line.final > max_grade:
             report.errors.append(
                 f"{identifier}: {format_points(line.final)} is above {format_points(max_grade)}, which Moodle "
@@ -263,9 +267,20 @@ def _write_blackboard(lines: list[_Line], out: Path, settings: LmsSettings, repo
                 f"{entry.name}: no username (SIS Login ID) in the roster, so Blackboard cannot place it"
             )
             continue
+        if problem := _formula_key(entry.sis_login_id, "username", "Blackboard"):
+            report.errors.append(problem)
+            continue
         last, first = _last_and_first(entry)
         rows.append([last, first, entry.sis_login_id, entry.sis_user_id or entry.id_number or "", line.final_text])
     _write_table(out, [[*BLACKBOARD_STUDENT_COLUMNS, column]], rows, report, quote_all=True)
+
+
+def _formula_key(key: str, column: str, lms: str) -> str | None:
+    """Why a row cannot carry `key`, the value the LMS finds the student by: a spreadsheet would
+    run it as a formula, and with the apostrophe that stops it the LMS finds nobody."""
+    if spreadsheet_text(key) == key:
+        return None
+    return f"{key!r}: the {column} starts with a formula character, so {lms} cannot place it; enter this grade by hand"
 
 
 def _last_and_first(entry: RosterEntry) -> tuple[str, str]:
@@ -341,11 +356,11 @@ def _write_table(
     encoding: str = "utf-8",
     quote_all: bool = False,
 ) -> None:
-    """Write header row(s) and student rows as CSV (RFC 4180: comma, CRLF, quotes doubled)."""
+    """Write header row(s) and student rows as CSV (RFC 4180: comma, CRLF, quotes doubled), every
+    cell through `spreadsheet_text`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding=encoding, newline="") as handle:
         writer = csv.writer(handle, quoting=csv.QUOTE_ALL if quote_all else csv.QUOTE_MINIMAL)
-        writer.writerows(head)
-        writer.writerows(rows)
+        writer.writerows([spreadsheet_text(cell) for cell in row] for row in [*head, *rows])
     report.files.append(out)
     report.rows = len(rows)

@@ -25,6 +25,8 @@ _SUBMISSION_NOTES = {
     "broken": "Your notebook could not be graded as submitted; see the messages below.",
     "timeout": "Grading stopped because your notebook ran too long; tests that did not run score 0.",
     "crashed": "The grader failed on this submission. This is not your fault: your instructor will look at it.",
+    "malformed": "Your submission was rejected: while it ran, the grader's own code in its sandbox was changed "
+                 "or bypassed, so none of its results can be trusted.",
 }
 
 

@@ -132,7 +132,7 @@ def write_instructor_report(results: Sequence[SubmissionResult], questions: Sequ
     scores = [r.score for r in results]
     context = {
         "counts": {"submissions": len(results), "graded": statuses["graded"], "broken": statuses["broken"],
-                   "timeout": statuses["timeout"], "crashed": statuses["crashed"],
+                   "timeout": statuses["timeout"], "crashed": statuses["crashed"], "malformed": statuses["malformed"],
                    "late": sum(is_late(r.late) for r in results)},
         "mean": statistics.fmean(scores) if scores else None,
         "median": statistics.median(scores) if scores else None,

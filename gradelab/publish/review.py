@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gradelab.errors import GradelabError
 from gradelab.boundary.records import SubmissionResult
-from gradelab.publish.csvfiles import read_records
+from gradelab.publish.csvfiles import read_records, spreadsheet_text
 from gradelab.publish.late import format_points
 from gradelab.publish.pages import TEMPLATES, QuestionInfo
 
@@ -101,6 +101,7 @@ def write_review_sheet(results: Sequence[SubmissionResult], questions: Sequence[
             writer.writerow(REVIEW_COLUMNS)
             for sid in student_ids:
                 points, comment = entered.get(sid, ("", ""))
-                writer.writerow([sid, question.id, format_points(question.manual_points), points, comment])
+                row = [sid, question.id, format_points(question.manual_points), points, comment]
+                writer.writerow([spreadsheet_text(cell) for cell in row])
         written += [page, sheet]
     return written

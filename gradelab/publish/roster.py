@@ -8,7 +8,6 @@ roster student without a submission is reported as missing.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pydantic import BaseModel
 
 from gradelab.errors import GradelabError
 from gradelab.boundary.records import SubmissionResult
+from gradelab.grading.names import lms_file, moodle_folder
 from gradelab.publish.csvfiles import read_records
 
 MatchRule = Literal["canvas_id", "sis_user_id", "moodle_id", "email", "id_number", "name"]
@@ -244,15 +244,9 @@ def _letters(text: str) -> str:
     return "".join(ch for ch in decomposed if ch.isalpha())
 
 
-# Canvas bulk download: lastfirst[_LATE]_userid_fileid_original (lib/content_zipper.rb, get_filename).
-_CANVAS_FILE = re.compile(r"(?P<name>[^_]+)_(?:LATE_)?\d+_\d+_")
-# Moodle bulk download folder: "Full Name_participantid_assignsubmission_file_".
-_MOODLE_FOLDER = re.compile(r"(?P<name>.+)_\d+_assignsubmission_\w+")
-
-
 def names_in_source(source: str) -> list[str]:
-    """Student names that an LMS bulk download wrote into the submission's path."""
+    """Student names that an LMS bulk download wrote into the submission's path, read as
+    `gradelab.grading.names` reads them when the download is collected."""
     path = Path(source)
-    folders = (_MOODLE_FOLDER.fullmatch(part) for part in path.parent.parts)
-    found = [*folders, _CANVAS_FILE.match(path.name)]
-    return [hit["name"] for hit in found if hit]
+    found = [*(moodle_folder(part) for part in path.parent.parts), lms_file(path.name)]
+    return [hit.display_name for hit in found if hit]

@@ -1,22 +1,32 @@
 """The per-sandbox cgroups, created, limited and removed by the parent (the grading worker):
 a memory cgroup (whose OOM kills are counted) and a pids cgroup, on cgroup v1 or v2.
+
+Each sandbox gets cgroups of a fresh name, `gradelab-s<slot>-<n>`: one left behind busy (a
+process that would not die in time) never stands in for the next sandbox's. The slot's lease
+(gradelab.sandbox.slots) tells whether the worker that made a cgroup still lives; `sweep` removes
+those of dead workers.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import os
+import re
 import signal
 import time
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Collection, ContextManager
 
 if TYPE_CHECKING:
     from gradelab.sandbox.launch import SandboxLimits
 
 CLEANUP_TIMEOUT = 5.0  # seconds remove() keeps trying to empty and remove a cgroup
+CONTROLLERS = {"cgroup_memory": "memory", "cgroup_pids": "pids"}  # layer -> controller
+_NAME = re.compile(r"gradelab-s(\d+)-(\d+)")
+_serial = itertools.count(1)
 
 
 def probe(controller: str) -> str:
@@ -78,21 +88,30 @@ def write_file(path: Path, value: str) -> None:
         file.write(value)
 
 
-def create(name: str, limits: SandboxLimits, offered: dict[str, str]) -> tuple[dict[str, Path], dict[str, str]]:
-    """Create the child's cgroups: ({controller: directory}, {layer: failure}). On cgroup v2 both
-    controllers share one directory."""
+def _parents(offered: Collection[str]) -> dict[str, Path]:
+    """{controller: the directory our sandboxes' cgroups go in} for the offered layers."""
+    found = {}
+    for key, controller in CONTROLLERS.items():
+        if key in offered and (parent := _own_cgroup_dir(controller)[0]) is not None:
+            found[controller] = parent
+    return found
+
+
+def create(slot: int, limits: SandboxLimits, offered: dict[str, str]) -> tuple[dict[str, Path], dict[str, str]]:
+    """Create the child's cgroups under a name no directory has yet: ({controller: directory},
+    {layer: failure}). On cgroup v2 both controllers share one directory."""
+    parents = _parents([key for key, state in offered.items() if state == "available"])
+    name = next(name for name in (f"gradelab-s{slot}-{n}" for n in _serial)
+                if not any((parent / name).exists() for parent in parents.values()))
     directories: dict[str, Path] = {}
     failures: dict[str, str] = {}
-    for key, controller in (("cgroup_memory", "memory"), ("cgroup_pids", "pids")):
-        if offered[key] != "available":
+    for key, controller in CONTROLLERS.items():
+        if controller not in parents:
             continue
-        parent, _ = _own_cgroup_dir(controller)
-        directory = parent / name
+        directory = parents[controller] / name
         shared = directory in directories.values()
         try:
             if not shared:
-                with suppress(FileNotFoundError):
-                    os.rmdir(directory)  # left over from a crashed run of the same worker pid and slot
                 directory.mkdir()
             _set_limit(directory, controller, limits)
             directories[controller] = directory
@@ -124,9 +143,20 @@ def pids(directory: Path) -> list[int]:
         return []
 
 
-def remove(directory: Path) -> None:
-    """Remove an emptied cgroup, killing what is left in it; raises OSError if it stays busy."""
-    deadline = time.monotonic() + CLEANUP_TIMEOUT
+def kill_members(directory: Path) -> None:
+    """SIGKILL every process in the cgroup: at once through cgroup.kill (v2), else one by one."""
+    if (directory / "cgroup.kill").exists():
+        with suppress(OSError):
+            write_file(directory / "cgroup.kill", "1")
+            return
+    for pid in pids(directory):
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def remove(directory: Path, timeout: float = CLEANUP_TIMEOUT) -> None:
+    """Remove a cgroup, killing what is left in it; raises OSError if it stays busy for `timeout` s."""
+    deadline = time.monotonic() + timeout
     while True:
         try:
             os.rmdir(directory)
@@ -137,11 +167,35 @@ def remove(directory: Path) -> None:
             if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                 raise
         # Every member is a sandbox process (a fork-bomb straggler without a pid namespace, or one still
-        # exiting): kill them and retry.
-        for pid in pids(directory):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # exiting), forking perhaps: kill them until none is left.
+        kill_members(directory)
         time.sleep(0.005)
+
+
+def sweep(claim: Callable[[int], ContextManager[bool]], keep: Collection[Path],
+          timeout: float = CLEANUP_TIMEOUT) -> tuple[list[Path], list[str]]:
+    """Remove the sandbox cgroups (not in `keep`) of the slots that `claim` says are dead (holding
+    them meanwhile, so that no worker starts using the slot), killing what is left in them:
+    (removed, why others could not be)."""
+    parents = set(_parents([key for key, controller in CONTROLLERS.items() if probe(controller) == "available"]).values())
+    slots = set()
+    for parent in parents:
+        with suppress(OSError):
+            slots.update(int(match[1]) for entry in parent.iterdir() if (match := _NAME.fullmatch(entry.name)))
+    removed, failed = [], []
+    for slot in sorted(slots):
+        with claim(slot) as dead:
+            if not dead:
+                continue
+            for directory in sorted(d for parent in parents for d in parent.glob(f"gradelab-s{slot}-*")):
+                if directory in keep or not _NAME.fullmatch(directory.name):
+                    continue
+                try:
+                    remove(directory, timeout)
+                    removed.append(directory)
+                except OSError as exc:
+                    failed.append(f"{directory}: {exc}")
+    return removed, failed
 
 
 def oom_kills(directory: Path) -> int:

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import time
-from typing import Any
 
 import matplotlib
 
@@ -20,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 
-from gradelab.boundary import wire  # noqa: E402
+from gradelab.boundary import messages, wire  # noqa: E402
 from gradelab.sandbox import capture  # noqa: E402
 from gradelab.sandbox.rpc import RpcServer  # noqa: E402
 from gradelab.sandbox.running import CappedText, error_info, seed_everything  # noqa: E402
@@ -71,7 +70,7 @@ class NotebookRunner:
         self.figures: list[dict] = []
         self.sources: dict[int, str] = {}  # by cell index, for redrawing a cell's random values
 
-    def run_cell(self, index: int, source: str) -> dict:
+    def run_cell(self, index: int, source: str) -> messages.CellOutcome:
         """Run one cell; return its outcome (status ok/error/timeout/refused, output, error)."""
         self.sources[index] = source
         seed_everything(self.seed + index)
@@ -95,13 +94,11 @@ class NotebookRunner:
         render_seconds = self._capture_figures(index)
         # As in Jupyter, where the inline backend renders a cell's figures before the cell ends, the
         # rendering is part of running the cell (it also runs the draw code of the student's artists).
-        outcome: dict[str, Any] = {"index": index, "status": "ok", "output": out.value(),
-                                   "seconds": seconds + render_seconds, "render_seconds": render_seconds}
-        if error is not None:
-            outcome["error"] = error_info(error)
-            outcome["status"] = ("timeout" if isinstance(error, CellTimeout)
-                                 else "refused" if isinstance(error, RefusedCommand) else "error")
-        return outcome
+        status = ("ok" if error is None else "timeout" if isinstance(error, CellTimeout)
+                  else "refused" if isinstance(error, RefusedCommand) else "error")
+        return messages.CellOutcome(index=index, status=status, output=out.value(), seconds=seconds + render_seconds,
+                                    render_seconds=render_seconds,
+                                    error=None if error is None else messages.CellError(**error_info(error)))
 
     def _capture_figures(self, cell: int) -> float:
         """Capture the cell's figures as data (each with its PNG); return the seconds spent rendering."""
@@ -133,20 +130,30 @@ def sandbox_main(cells: list[tuple[int, str]], *, ctl: socket.socket, rpc: socke
     capture.install_recorders()
     runner = NotebookRunner(shell, seed=seed, cell_timeout=cell_timeout, output_limit=output_limit)
     for index, source in cells:
-        wire.send_msg(ctl, {"event": "cell_start", "index": index})
-        outcome = runner.run_cell(index, source)
-        wire.send_msg(ctl, {"event": "cell_end", **outcome})
-    figures = []
-    for fig in runner.figures:
-        try:
-            wire.encode(fig)
-            figures.append(fig)
-        except wire.WireError as exc:
-            figures.append({"cell": fig.get("cell"), "index": fig.get("index"), "error": str(exc)})
-    wire.send_msg(ctl, {"event": "ready", "figures": figures})
+        messages.send(ctl, messages.CellStart(event="cell_start", index=index))
+        messages.send(ctl, messages.CellEnd(event="cell_end", cell=runner.run_cell(index, source)))
+    wire.send_msg(ctl, {"event": "ready", "figures": _sendable(runner.figures)})
     ctl.close()
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     RpcServer(runner, rpc).serve()
     return 0
 
 
+
+
+def _sendable(figures: list[dict]) -> list[dict]:
+    """The captured figures within the limits of a Ready message: each one that cannot be sent,
+    and those beyond the count or byte limit, replaced by an error record for its cell."""
+    kept, total = [], 0
+    for fig in figures:
+        cell, index, names = fig.get("cell"), fig.get("index"), fig.get("names", [])
+        try:
+            total += len(wire.encode(fig)) if "error" not in fig else 0
+            if len(kept) >= messages.MAX_FIGURES or total > messages.MAX_FIGURE_BYTES:
+                raise wire.WireError(f"not kept: a notebook's figures may hold at most {messages.MAX_FIGURES} "
+                                     f"figures and {messages.MAX_FIGURE_BYTES >> 20} MiB")
+            kept.append(fig)
+        except wire.WireError as exc:
+            if len(kept) < messages.MAX_FIGURES:
+                kept.append({"cell": cell, "index": index, "error": str(exc)[:500], "names": names})
+    return kept

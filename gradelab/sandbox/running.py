@@ -56,7 +56,7 @@ def error_info(exc: BaseException) -> dict:
     template_stub = isinstance(exc, TypeError) and ("NotImplemented" in str(exc) or (
         bool(frames) and "NotImplemented" in (frames[-1].line or "")))
     return {
-        "type": type(exc).__name__,
+        "type": type(exc).__name__[:200],
         "message": str(exc)[:2000],
         "traceback": tb_text[:4000],
         "not_answered": isinstance(exc, NotImplementedError) or template_stub,

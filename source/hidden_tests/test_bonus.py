@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from gradelab.hidden import describe_standard, expect_number, linear_shapes, seed_torch
+from gradelab.hidden.assertions import expect_finite_parameters, largest_magnitude
 from gradelab.boundary.wire import describe_value
 
 PROBE = torch.rand(4, 256, generator=torch.Generator().manual_seed(2))
@@ -30,6 +31,7 @@ def he_initialised(student, slope, seed) -> nn.Sequential:
     assert described["layers"] == describe_standard(model)[0], (
         f"he_init_ changed the model's layers into {linear_shapes(described)}; it should only set the "
         f"weights and biases of the model it is given")
+    expect_finite_parameters(changed, "after he_init_ the model")
     return changed
 
 
@@ -44,7 +46,7 @@ def test_he_init(student, slope, seed):
         assert abs(std / expected - 1) < HE_STD_TOLERANCE, (
             f"a Linear({layer.in_features}, {layer.out_features}) layer has weight std {std:.4f}; He "
             f"initialisation for negative slope {slope} gives {expected:.4f}")
-        assert float(layer.bias.abs().max()) == 0, "the biases should be zero"
+        assert largest_magnitude(layer.bias) == 0, "the biases should be zero"
 
 
 def _saturation(model, inputs, threshold=0.99):

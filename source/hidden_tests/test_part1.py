@@ -6,6 +6,7 @@ import torch
 from conftest import weights_over_draws
 
 from gradelab.hidden import plotcheck
+from gradelab.hidden.sourcecheck import torch_only_problems
 from gradelab.hidden import (StudentProblem, Uniform, activations_between, assert_distribution, assert_tensor_close,
                              expect_tensor, layer, linear_shapes)
 from gradelab.boundary.wire import describe_value
@@ -59,7 +60,7 @@ def matrix_and_vector_draws(student, executed_cells, seed) -> list[torch.Tensor]
     A = expect_tensor(student.get("A"), "A", shape=(3, 3))
     b = expect_tensor(student.get("b"), "b", shape=(3, 1))
     draws = [torch.cat([A.flatten(), b.flatten()]).to(torch.float64)]
-    runs = [c["index"] for c in executed_cells if c.get("grade_id") == "q1_1_tensors" and c.get("status") == "ok"]
+    runs = [c.index for c in executed_cells if c.grade_id == "q1_1_tensors" and c.status == "ok"]
     if runs:
         try:
             ((A, b),) = student.redraw(runs[-1], ["A", "b"], seeds=[seed])
@@ -132,7 +133,7 @@ def test_pytorch_gradients(student):
 
 
 @pytest.mark.question("q1_3", weight=2)
-def test_sigmoid_supports_autograd(student, rng):
+def test_sigmoid_supports_autograd(student, rng, executed_cells):
     """my_sigmoid works with autograd (a torch computation, not numpy or math)"""
     x = torch.randn(40, generator=rng, dtype=torch.float64) * 3
     reply = student.call_grad("my_sigmoid", x)
@@ -141,6 +142,10 @@ def test_sigmoid_supports_autograd(student, rng):
                                   "(torch.exp), not numpy or math, so autograd can differentiate it")
     s = torch.sigmoid(x)
     assert_tensor_close(reply["grad"], s * (1 - s), "the autograd gradient of my_sigmoid", sample=x)
+    # The reply above is the sandbox's own report; the code as submitted is not.
+    problems = torch_only_problems([(c.index, c.source) for c in executed_cells], "my_sigmoid")
+    assert not problems, ("my_sigmoid's code does not compute with torch alone, which autograd needs: "
+                          + "; ".join(problems[:3]))
 
 
 @pytest.mark.question("q1_3")

@@ -6,6 +6,8 @@ from conftest import XOR_INPUTS, classifier_gradients, deep_reference, train_xor
 from torch import nn
 
 from gradelab.hidden import activations_between, layer, linear_shapes, seed_torch
+from gradelab.hidden.assertions import expect_finite_parameters, largest_magnitude
+from gradelab.hidden.training import check_training_budget
 
 CLASSIFIER_PROBE = torch.rand(8, 10, generator=torch.Generator().manual_seed(1))
 RELU_LINEAR_VISITS = {0: 0, 2: 1, 4: 2, 6: 3}  # Module.apply's visit index -> Linear layer index
@@ -34,9 +36,10 @@ KILLED_BELOW = 1e-8
 def first_layer_gradients_around_kill(student, activation, seed) -> tuple[float, float]:
     """The largest first-layer gradient of a depth-7 network before and after kill_gradients."""
     network = deep_reference(7, activation, seed)
-    before = classifier_gradients(network, seed)[0].abs().max().item()
+    before = largest_magnitude(classifier_gradients(network, seed)[0])
     killed, _ = student.apply("kill_gradients", network, probe=CLASSIFIER_PROBE, mode="call")
-    after = classifier_gradients(killed, seed, what="the model after kill_gradients")[0].abs().max().item()
+    expect_finite_parameters(killed, "the model after kill_gradients")
+    after = largest_magnitude(classifier_gradients(killed, seed, what="the model after kill_gradients")[0])
     return before, after
 
 
@@ -104,6 +107,9 @@ def test_negative_weights(student, target, seed):
 def test_gradient_dies_below_target(student, target, seed):
     """under ReLU, no gradient reaches the layers below the target, whatever the input"""
     changed, layer_index = _negative_layer(student, target, seed)
+    # A NaN compares false with everything: a NaN bias would pass "no positive bias" and a NaN
+    # gradient "no gradient above 0".
+    expect_finite_parameters(changed, f"after NegativeInitializer({target}) the model")
     target_layer = [m for m in changed if isinstance(m, nn.Linear)][layer_index]
     # The layer's inputs are ReLU outputs (or the data), so they are >= 0 and may all be 0: then
     # the pre-activation is the bias alone. Only a bias <= 0 keeps every unit closed for any input.
@@ -114,7 +120,7 @@ def test_gradient_dies_below_target(student, target, seed):
             f"are not enough, since a positive bias can still open the ReLU and let gradient through")
     # weight, bias of each Linear layer, in order
     grads = classifier_gradients(changed, seed, what=f"the model after NegativeInitializer({target})")
-    alive = [f"{g.abs().max().item():.1e}" for g in grads[: 2 * (layer_index + 1)] if g.abs().max() > 0]
+    alive = [f"{largest_magnitude(g):.1e}" for g in grads[: 2 * (layer_index + 1)] if largest_magnitude(g) > 0]
     assert not alive, (
         f"after NegativeInitializer({target}) some gradient still reaches the layers up to the target "
         f"(largest values {alive}): negative weights alone are not enough when a positive bias "
@@ -138,8 +144,11 @@ XOR_SOLVED_AT_LEAST = 3
 
 
 def xor_models(student, seed) -> list[nn.Sequential]:
-    """make_xor_model's models, torch seeded with seed, seed + 1, ..., rebuilt here."""
-    return [student.module("make_xor_model", probe=XOR_INPUTS, seed=seed + k)[0] for k in range(XOR_SEEDS)]
+    """make_xor_model's models, torch seeded with seed, seed + 1, ..., rebuilt here; a model past
+    the training budget is refused after the first."""
+    first, _ = student.module("make_xor_model", probe=XOR_INPUTS, seed=seed)
+    check_training_budget(first, "make_xor_model's network")
+    return [first] + [student.module("make_xor_model", probe=XOR_INPUTS, seed=seed + k)[0] for k in range(1, XOR_SEEDS)]
 
 
 @pytest.mark.question("q3_3", weight=3)

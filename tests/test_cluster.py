@@ -1,0 +1,207 @@
+"""Grading on a Dask cluster (gradelab.grading.cluster, gradelab.grading.worker): a loopback TLS
+cluster grades a corpus subset to the local pool's very scores, a worker SIGKILLed mid-batch loses
+nothing and leaves no process behind, a `gradelab worker` whose canary fails takes no work, and the
+command line refuses what the trust model forbids."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from click.testing import CliRunner
+from distributed import Client, LocalCluster, Security
+from distributed.scheduler import KilledWorker
+from rich.console import Console
+
+from gradelab.cli import main
+from gradelab.errors import RefusedError
+from gradelab.grading import batch
+from gradelab.grading.cluster import ClusterTarget, _lost, local_cluster, parse_local, write_student_files
+from gradelab.grading.gradebook import Gradebook
+from gradelab.grading.worker import bundle_hash, task_key
+from gradelab.project import GRADEBOOK_FILE, RESULTS_FILE, Project
+
+SUBSET = ["correct_class_activation", "wrong_two_hidden_layers", "broken_not_json", "crash_sigmoid_grad_os_exit",
+          "hostile_fork_bomb"]
+PROJECT_PARTS = ["grading_config.yml", "source", "release", "solutions", "autograder"]
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
+def scores(out: Path) -> dict[str, tuple[str, float]]:
+    with Gradebook(out / GRADEBOOK_FILE) as gradebook:
+        return {r.student_id: (r.status, r.score) for r in gradebook.results()}
+
+
+def copy_project(root: Path, dest: Path) -> Path:
+    """What a worker needs of the assignment repository: the config, the sources, the release."""
+    dest.mkdir()
+    for part in PROJECT_PARTS:
+        (shutil.copytree if (root / part).is_dir() else shutil.copy)(root / part, dest / part)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def subset(root: Path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("subset")
+    for name in SUBSET:
+        shutil.copy(root / "examples" / "submissions" / f"{name}.ipynb", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_scores(subset: Path, root: Path, tmp_path_factory) -> dict[str, tuple[str, float]]:
+    out = tmp_path_factory.mktemp("local")
+    batch.grade_batch(subset, out, project=root, workers=2, console=quiet())
+    return scores(out)
+
+
+@pytest.fixture(scope="module")
+def security() -> Security:
+    return Security.temporary()
+
+
+@pytest.fixture(scope="module")
+def cluster(root: Path, security: Security):
+    with local_cluster(root, 2, security) as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+def test_a_tls_cluster_grades_as_the_local_pool_does(cluster, security, subset, local_scores, root, tmp_path) -> None:
+    assert len(local_scores) == len(SUBSET)
+    assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+    with pytest.raises(OSError):  # no certificate, no connection
+        Client(cluster.scheduler_address.replace("tls://", "tcp://"), timeout=2)
+    summary = batch.grade_batch(subset, tmp_path, project=root, console=quiet(),
+                                cluster=ClusterTarget(address=cluster.scheduler_address, security=security))
+    assert summary.ok and not summary.lost
+    assert scores(tmp_path) == local_scores
+    # The client wrote each student's folder from what the worker returned, figures included.
+    assert all((tmp_path / student / RESULTS_FILE).is_file() for student in SUBSET)
+    assert list((tmp_path / "correct_class_activation" / "figures").glob("*.png"))
+    rerun = batch.grade_batch(subset, tmp_path, project=root, console=quiet(),
+                              cluster=ClusterTarget(address=cluster.scheduler_address, security=security))
+    assert sorted(rerun.unchanged) == sorted(SUBSET) and not rerun.results
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_batch_loses_nothing_and_leaves_no_process(cluster, security, subset, local_scores,
+                                                                       root, tmp_path) -> None:
+    with Client(cluster.scheduler_address, security=security) as client:
+        worker_pids = set(client.run(lambda: __import__("os").getpid()).values())
+    killed: list[psutil.Process] = []
+
+    def kill_a_worker_while_it_grades() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for pid in worker_pids:
+                try:
+                    worker = psutil.Process(pid)
+                    tree = worker.children(recursive=True)
+                    graders = worker.children()
+                except psutil.NoSuchProcess:
+                    continue
+                if any(len(g.children()) >= 2 for g in graders):  # the test-runner zygote and a sandbox
+                    killed.extend([worker, *tree])
+                    worker.send_signal(signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker_while_it_grades)
+    killer.start()
+    summary = batch.grade_batch(subset, tmp_path, project=root, force=True, console=quiet(),
+                                cluster=ClusterTarget(address=cluster.scheduler_address, security=security))
+    killer.join()
+    assert killed, "no worker was caught grading"
+    assert not summary.lost and summary.ok
+    assert scores(tmp_path) == local_scores
+    survivors = [p for p in killed if _alive(p)]
+    deadline = time.monotonic() + 20
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.2)
+        survivors = [p for p in survivors if _alive(p)]
+    assert not survivors, f"processes of the killed worker still running: {survivors}"
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+def test_a_worker_whose_canary_fails_is_refused(root: Path, subset: Path, security: Security, tmp_path) -> None:
+    broken = copy_project(root, tmp_path / "project")
+    tests = broken / "autograder" / "tests" / "test_part1.py"
+    tests.write_text(tests.read_text() + '\n\n@pytest.mark.question("q1_1")\ndef test_broken_on_purpose():\n'
+                     '    assert False\n')
+    certificates = {}
+    for option, pem in (("--tls-ca-file", security.tls_ca_file), ("--tls-cert", security.tls_worker_cert),
+                        ("--tls-key", security.tls_worker_key)):
+        certificates[option] = tmp_path / f"{option[2:]}.pem"
+        certificates[option].write_text(pem)
+    with LocalCluster(n_workers=0, host="127.0.0.1", protocol="tls://", security=security,
+                      dashboard_address=None) as scheduler:  # a scheduler alone; the worker is the command's
+        worker = subprocess.Popen([sys.executable, "-m", "gradelab.cli", "worker", "--scheduler",
+                                   scheduler.scheduler_address, "--project", str(broken), "--host", "127.0.0.1",
+                                   *[str(part) for item in certificates.items() for part in item]])
+        try:
+            with pytest.raises(RefusedError, match="canary failed: the reference notebook scored"):
+                batch.grade_batch(subset, tmp_path / "out", project=broken, console=quiet(),
+                                  cluster=ClusterTarget(address=scheduler.scheduler_address, security=security))
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=60) == 0  # a clean close on SIGTERM
+    assert not scores(tmp_path / "out")
+
+
+def test_bundle_hash_follows_the_hidden_tests_and_task_keys_are_stable(root: Path, tmp_path) -> None:
+    copy = copy_project(root, tmp_path / "project")
+    before = bundle_hash(Project.load(copy))
+    assert before == bundle_hash(Project.load(root))
+    (copy / "autograder" / "tests" / "test_part1.py").write_text("# changed\n", encoding="utf-8")
+    assert bundle_hash(Project.load(copy)) != before
+    assert task_key("s1", "ab" * 32, before) == task_key("s1", "ab" * 32, before) != task_key("s2", "ab" * 32, before)
+
+
+def test_returned_files_stay_in_the_students_folder(tmp_path) -> None:
+    write_student_files(tmp_path / "s1", {"results.json": b"{}", "figures/a.png": b"png"})
+    assert (tmp_path / "s1" / "figures" / "a.png").read_bytes() == b"png"
+    for name in ("../s2/results.json", "/etc/passwd", ""):
+        with pytest.raises(ValueError):
+            write_student_files(tmp_path / "s1", {name: b"x"})
+
+
+def test_the_command_line_refuses_plain_connections_and_bad_specs(root: Path, tmp_path) -> None:
+    runner = CliRunner()
+    plain = runner.invoke(main, ["grade", str(root / "examples" / "submissions"), "--out", str(tmp_path),
+                                 "--project", str(root), "--scheduler", "tcp://127.0.0.1:8786"])
+    assert plain.exit_code == 2 and "tls://" in plain.output
+    worker = runner.invoke(main, ["worker", "--scheduler", "tls://127.0.0.1:8786", "--project", str(root)])
+    assert worker.exit_code == 2 and "TLS" in worker.output
+    assert parse_local("local:3") == 3
+    for spec in ("local:0", "remote:2", "local"):
+        with pytest.raises(RefusedError):
+            parse_local(spec)
+
+
+def test_a_submission_that_outlived_its_retries_is_reported_with_its_deaths() -> None:
+    class Failed:
+        status = "error"
+
+        def exception(self):
+            return KilledWorker("gradelab-s1-abc", None, 1)  # as the scheduler sets it: allowed_failures=1
+
+    assert _lost(Failed()) == "the grading worker died 2 times on this submission"
