@@ -60,6 +60,8 @@ def bench_cluster(size: int, workers: int) -> dict:
             cluster_seconds = time.monotonic() - started
     same = {r.student_id: r.score for r in local.results} == {r.student_id: r.score for r in remote.results}
     return {"size": size, "workers": workers, "local": local_seconds, "cluster": cluster_seconds,
+            "local_grading": sum(r.grading_time for r in local.results) / size,
+            "cluster_grading": sum(r.grading_time for r in remote.results) / size,
             "startup": startup, "same_scores": same, "lost": len(remote.lost)}
 
 
@@ -71,6 +73,8 @@ def print_cluster(row: dict) -> None:
     print(f"{'':34}{'local pool':>14}{'Dask cluster':>14}")
     print(f"{'wall time (s)':34}{row['local']:>14.1f}{row['cluster']:>14.1f}")
     print(f"{'seconds per submission':34}{row['local'] / size:>14.2f}{row['cluster'] / size:>14.2f}")
+    print(f"{'of which grading, in the worker':34}{row['local_grading'] / workers:>14.2f}"
+          f"{row['cluster_grading'] / workers:>14.2f}")
     print(f"cluster overhead per submission: {overhead:+.3f} s ({share:+.1%}; target under {TARGET_OVERHEAD:.0%}: "
           f"{'met' if share < TARGET_OVERHEAD else 'not met'}); scores identical: {row['same_scores']}; "
           f"lost: {row['lost']}")

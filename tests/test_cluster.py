@@ -17,14 +17,15 @@ from pathlib import Path
 import psutil
 import pytest
 from click.testing import CliRunner
-from distributed import Client, LocalCluster, Security
+from distributed import Client, Security
 from distributed.scheduler import KilledWorker
 from rich.console import Console
 
 from gradelab.cli import main
 from gradelab.errors import RefusedError
 from gradelab.grading import batch
-from gradelab.grading.cluster import ClusterTarget, _lost, local_cluster, parse_local, write_student_files
+from gradelab.grading.cluster import (ClusterTarget, ReadyWorkers, _lost, local_cluster, parse_local,
+                                      write_student_files)
 from gradelab.grading.gradebook import Gradebook
 from gradelab.grading.worker import bundle_hash, task_key
 from gradelab.project import GRADEBOOK_FILE, RESULTS_FILE, Project
@@ -101,6 +102,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_leaves_no_process(cluster, 
     with Client(cluster.scheduler_address, security=security) as client:
         worker_pids = set(client.run(lambda: __import__("os").getpid()).values())
     killed: list[psutil.Process] = []
+    cgroups: set[Path] = set()
 
     def kill_a_worker_while_it_grades() -> None:
         deadline = time.monotonic() + 120
@@ -112,7 +114,9 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_leaves_no_process(cluster, 
                     graders = worker.children()
                 except psutil.NoSuchProcess:
                     continue
-                if any(len(g.children()) >= 2 for g in graders):  # the test-runner zygote and a sandbox
+                sandboxes = [d for g in graders for child in g.children() for d in _sandbox_cgroups(child.pid)]
+                if sandboxes:  # a submission's sandbox is running
+                    cgroups.update(sandboxes)
                     killed.extend([worker, *tree])
                     worker.send_signal(signal.SIGKILL)
                     return
@@ -132,6 +136,26 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_leaves_no_process(cluster, 
         time.sleep(0.2)
         survivors = [p for p in survivors if _alive(p)]
     assert not survivors, f"processes of the killed worker still running: {survivors}"
+    # Its sandbox's cgroups go when the restarted worker leases the slot (its canary's sandbox).
+    with Client(cluster.scheduler_address, security=security) as client:
+        ready = ReadyWorkers(client, bundle_hash(Project.load(root)), timeout=120)
+        while ready.count() < 2:
+            time.sleep(0.5)
+    assert cgroups and not [d for d in cgroups if d.exists()], cgroups
+
+
+def _sandbox_cgroups(pid: int) -> list[Path]:
+    """The gradelab cgroup folders process `pid` is in (cgroup v1 or v2)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    folders = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "/gradelab-s" in path:
+            folders.append(Path("/sys/fs/cgroup", *([controllers] if controllers else []), path.lstrip("/")))
+    return folders
 
 
 def _alive(process: psutil.Process) -> bool:
@@ -152,8 +176,7 @@ def test_a_worker_whose_canary_fails_is_refused(root: Path, subset: Path, securi
                         ("--tls-key", security.tls_worker_key)):
         certificates[option] = tmp_path / f"{option[2:]}.pem"
         certificates[option].write_text(pem)
-    with LocalCluster(n_workers=0, host="127.0.0.1", protocol="tls://", security=security,
-                      dashboard_address=None) as scheduler:  # a scheduler alone; the worker is the command's
+    with local_cluster(broken, 0, security) as scheduler:  # a scheduler alone; the worker is the command's
         worker = subprocess.Popen([sys.executable, "-m", "gradelab.cli", "worker", "--scheduler",
                                    scheduler.scheduler_address, "--project", str(broken), "--host", "127.0.0.1",
                                    *[str(part) for item in certificates.items() for part in item]])

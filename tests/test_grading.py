@@ -320,3 +320,31 @@ def test_a_rejected_submission_leaves_the_next_one_a_whole_sandbox(grader, root,
     assert after.status == "graded" and any("out of memory, limit" in m for m in after.messages), after.messages
     if os.geteuid() == 0:
         assert after.sandbox_layers and all(state == "available" for state in after.sandbox_layers.values())
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_a_layer_that_fails_for_one_box_is_flagged_or_refused(root, tmp_path, monkeypatch, require):
+    """Results record the layers the submission's own sandbox applied, not the machine's probe: a
+    layer that fails for this box is named in the result, and --require-sandbox refuses to grade."""
+    from gradelab.sandbox import launch
+
+    spawn = launch.Sandbox.spawn
+
+    def spawn_losing_memory_limit(*args, **kwargs):
+        box = spawn(*args, **kwargs)
+        box.layers = {**box.layers, "cgroup_memory": "failed: simulated"}
+        return box
+
+    monkeypatch.setattr(launch.Sandbox, "spawn", staticmethod(spawn_losing_memory_limit))
+    layers = probe_layers()
+    if any(state != "available" for state in layers.values()):
+        pytest.skip("needs every layer on this machine")
+    with Grader(Project.load(root), require_sandbox=require) as grader:
+        result = grader.grade(root / "source/vanishing_gradients/vanishing_gradients.ipynb", "reference", out_dir=tmp_path)
+    if require:
+        assert result.status == "crashed" and result.score == 0
+        assert "could not be applied" in result.messages[0] and "cgroup_memory (failed: simulated)" in result.messages[0]
+    else:
+        assert result.status == "graded" and all(t.status == "passed" for t in result.tests)
+        assert result.sandbox_layers["cgroup_memory"] == "failed: simulated"
+        assert any("not applied to this submission: cgroup_memory (failed: simulated)" in m for m in result.messages)

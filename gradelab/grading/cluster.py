@@ -9,8 +9,10 @@ content hash and the bundle hash, so a rerun is idempotent.
 Faults: a worker that dies while grading a submission is counted by Dask's scheduler against that
 task; the client sets the scheduler's `allowed_failures` to `cluster.retries`, so the submission is
 retried on another worker that many times and then reported as lost ("the grading worker died N
-times on this submission"). The client keeps no more submissions in flight than there are ready
-workers, so a worker holds only the one it grades and a death is charged to that one alone.
+times on this submission"). Dask charges a death to every task assigned to the dead worker, also
+those still waiting there; the client keeps no more submissions in flight than there are ready
+workers, and the scheduler gives each to the least occupied one, so a worker holds only the one it
+grades and a death is charged to that one.
 
 Trust: every connection is TLS (distributed.Security), since Dask unpickles what it receives.
 """
@@ -81,13 +83,14 @@ def tls_security(project: Path, ca_file: Path | None, cert: Path | None, key: Pa
                     **{f"tls_{role}_cert": str(cert), f"tls_{role}_key": str(key) if key else None})
 
 
-def local_cluster(project: Path, n_workers: int, security: Security, *, require_sandbox: bool = False,
-                  **kwargs) -> LocalCluster:
+def local_cluster(project: Path, n_workers: int, security: Security, *, require_sandbox: bool = False) -> LocalCluster:
     """A loopback LocalCluster of `n_workers` grading workers (one thread each), TLS only."""
     return LocalCluster(
         n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1", protocol="tls://",
         security=security, dashboard_address=None, memory_limit=0,  # G's memory is the sandbox's business
-        plugins={GradingWorkerPlugin(str(project), require_sandbox=require_sandbox)}, **kwargs)
+        # Without a dashboard the scheduler still serves HTTP (health, metrics): on a free loopback port.
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        plugins={GradingWorkerPlugin(str(project), require_sandbox=require_sandbox)})
 
 
 @contextlib.contextmanager
@@ -125,16 +128,14 @@ def grade_on_cluster(todo: list[SubmissionFile], target: ClusterTarget, project:
             save = result_saver(gradebook, config, progress, task)
             try:
                 while pending or running:
-                    ready = workers.count()
-                    while pending and len(running) < ready:
-                        sub = pending.pop(0)
-                        running[_submit(client, sub, bundle)] = sub
+                    _top_up(client, pending, running, workers.count(), bundle)
                     if not running:
                         progress.update(task, last="waiting for a grading worker")
                         time.sleep(POLL_SECONDS)
                         continue
-                    for future in _first_done(list(running)):
-                        sub = running.pop(future)
+                    finished = [(running.pop(future), future) for future in _first_done(list(running))]
+                    _top_up(client, pending, running, workers.count(), bundle)  # before writing: no idle worker
+                    for sub, future in finished:
                         if (lost := _lost(future)) is not None:
                             summary.lost.append((sub.student_id, lost))
                             progress.update(task, advance=1, last=f"{sub.student_id}: not graded")
@@ -154,6 +155,13 @@ def _first_done(futures: list) -> set:
         return wait(futures, timeout=POLL_SECONDS, return_when="FIRST_COMPLETED").done
     except TimeoutError:
         return set()
+
+
+def _top_up(client: Client, pending: list[SubmissionFile], running: dict, ready: int, bundle: str) -> None:
+    """Submit the next pending submissions while fewer are in flight than workers are ready."""
+    while pending and len(running) < ready:
+        sub = pending.pop(0)
+        running[_submit(client, sub, bundle)] = sub
 
 
 def _submit(client: Client, sub: SubmissionFile, bundle: str):
@@ -195,14 +203,16 @@ class ReadyWorkers:
     def __init__(self, client: Client, bundle: str, timeout: float):
         self.client, self.bundle, self.timeout = client, bundle, timeout
         self.resource = bundle_resource(bundle)
-        self.last_ready = time.monotonic()
+        self.ready, self.last_ready = 0, time.monotonic()
 
     def count(self) -> int:
+        if self.ready and time.monotonic() - self.last_ready < POLL_SECONDS:  # a round trip saved per result
+            return self.ready
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        ready = sum(self.resource in (w.get("resources") or {}) for w in workers.values())
-        if ready:
+        self.ready = sum(self.resource in (w.get("resources") or {}) for w in workers.values())
+        if self.ready:
             self.last_ready = time.monotonic()
-            return ready
+            return self.ready
         refusals = self.refusals(set(workers))
         if workers and len(refusals) == len(workers):
             raise RefusedError("no worker can grade this assignment: " + "; ".join(refusals.values()))

@@ -55,6 +55,10 @@ class Stop:
     why: str
 
 
+class LayersNotApplied(Exception):
+    """Under --require-sandbox, a layer the machine offers could not be applied to this box."""
+
+
 class MalformedSubmission(Exception):
     """The sandbox sent something gradelab's own code in it never sends: the submission is rejected."""
 

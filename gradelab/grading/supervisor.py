@@ -31,7 +31,8 @@ from gradelab.boundary.figures import FigureData
 from gradelab.boundary.messages import CellEnd, CellError, CellOutcome, CellStart, Ready, RestartReply
 from gradelab.boundary.records import SubmissionResult, TestOutcome
 from gradelab.grading import environment, scoring, session
-from gradelab.grading.execution import Execution, MalformedSubmission, Stop, SubmissionTimeout, weakest
+from gradelab.grading.execution import (Execution, LayersNotApplied, MalformedSubmission, Stop, SubmissionTimeout,
+                                        weakest)
 from gradelab.grading.submission import BrokenNotebook, Submission, load_submission
 from gradelab.project import Project, file_hash, submission_seed
 from gradelab.sandbox import executor
@@ -125,6 +126,10 @@ class Grader:
         except SubmissionTimeout as exc:
             outcomes, execution, notes = exc.outcomes, exc.execution, [str(exc)]
             status = "timeout"
+        except LayersNotApplied as exc:  # the machine's state, not the student's: graded again next run
+            return scoring.unrun_result(self.config, "crashed", (
+                f"Not graded: --require-sandbox, and these isolation layers could not be applied to this "
+                f"submission's sandbox: {exc}."), **base)
         except MalformedSubmission as exc:
             return scoring.unrun_result(self.config, "malformed", (
                 f"This submission could not be graded: the sandbox sent malformed data ({exc}). The grader's "
@@ -197,6 +202,8 @@ class Grader:
             # one that hands it to the tests, before the next box of this worker starts.
             try:
                 execution.layers = weakest(execution.layers, box.layers)
+                if self.require_sandbox and (missing := [f"{n} ({s})" for n, s in box.layers.items() if s != "available"]):
+                    raise LayersNotApplied(", ".join(missing))
                 stop = self._follow(box, ctl, order, execution, deadline)
             except BaseException:
                 box.kill()
