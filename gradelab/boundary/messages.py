@@ -324,7 +324,8 @@ class DeathRequest(Record):
     op: Literal["death"]
 
 
-ArtifactName = Annotated[str, Field(pattern=r"^[a-z0-9_]{1,80}_(student|reference)\.png$")]
+ARTIFACT_PATTERN = r"^[a-z0-9_]{1,80}_(student|reference)\.png$"  # a figure a hidden test attaches
+ArtifactName = Annotated[str, Field(pattern=ARTIFACT_PATTERN)]
 
 
 class Done(Record):

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gradelab.boundary.records import SubmissionResult
 from gradelab.config import CONFIG_FILE
-from gradelab.project import Project
+from gradelab.project import Project, file_hash
 
 PLUGIN_NAME = "gradelab-grader"
 EVENT_TOPIC = "gradelab-worker"  # {"worker", "bundle", "state": starting|ready|refused, "why"}
@@ -80,7 +80,7 @@ def bundle_hash(project: Project) -> str:
         files += sorted(p for p in tree.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     for path in files:
         digest.update(str(path.relative_to(project.root)).encode() + b"\0")
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(file_hash(path).encode())
     return digest.hexdigest()
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from gradelab.boundary.figures import PNG_SIGNATURE, FigureData
-from gradelab.boundary.messages import MAX_ARTIFACTS, CellReport, Collected, CollectedTest, Outcome, Record
+from gradelab.boundary.messages import ARTIFACT_PATTERN, MAX_ARTIFACTS, CellReport, Collected, CollectedTest, Outcome, Record
 from gradelab.boundary.records import TestOutcome, TestStatus
 from gradelab.hidden.proxy import SandboxLink, StudentProblem, StudentProxy
 
-ARTIFACT_NAME = re.compile(r"^[a-z0-9_]{1,80}_(student|reference)\.png$")  # as messages.Done admits
+ARTIFACT_NAME = re.compile(ARTIFACT_PATTERN)
 
 
 def seed_for_test(submission_seed: int, nodeid: str) -> int:
