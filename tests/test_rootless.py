@@ -2,7 +2,8 @@
 namespace and keeps its layers from inside it. Run as root, these tests create throwaway users
 (one with a subordinate uid range, one without) and run, as each, the sandbox's attack tests
 (tests/test_sandbox.py) and, as the first, `gradelab grade` on the hostile fork-bomb and
-memory-bomb examples, from a copy of the checkout they can read.
+memory-bomb examples, from a copy of the checkout they can read: once plainly, once started in
+cgroup v1 memory and pids cgroups delegated (chowned) to the user.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -145,9 +147,15 @@ def test_the_attacks_fail_and_sandboxes_die_with_their_worker_without_root(user:
     assert all(any(reason in line for reason in allowed) for line in skipped), skipped
 
 
-def grade(command_prefix: list[str], checkout: Path, out: Path) -> dict:
+def grade(command_prefix: list[str], checkout: Path, out: Path, cgroups: Sequence[Path] = ()) -> dict:
+    """Grade the bombs into `out` (the command started in `cgroups`, as root writes it there)."""
+    def join_cgroups() -> None:
+        for directory in cgroups:
+            (directory / "cgroup.procs").write_text(str(os.getpid()))
+
     done = subprocess.run([*command_prefix, "grade", "submissions", "--out", str(out), "--project", ".",
-                           "--workers", "1"], cwd=checkout, capture_output=True, text=True, timeout=600)
+                           "--workers", "1"], cwd=checkout, capture_output=True, text=True, timeout=600,
+                          preexec_fn=join_cgroups if cgroups else None)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     return {name: json.loads((out / name / "submission.json").read_text()) for name in BOMBS}
 
@@ -155,15 +163,23 @@ def grade(command_prefix: list[str], checkout: Path, out: Path) -> dict:
 CLI = [sys.executable, "-c", "import sys; from gradelab.cli import main; sys.argv[0] = 'gradelab'; sys.exit(main())"]
 
 
+def as_user(user: dict, checkout: Path) -> list[str]:
+    """The command prefix that runs CLI as `user`, in a clean environment, on `checkout`."""
+    return ["runuser", "-u", user["name"], "--", "env", "-i", f"HOME={user['home']}", f"PYTHONPATH={checkout}",
+            "PATH=/usr/bin:/bin", "LANG=C.UTF-8", *CLI]
+
+
+def output_folder(user: dict, checkout: Path, name: str) -> Path:
+    out = checkout / f"{name}-{user['name']}"
+    out.mkdir()
+    shutil.chown(out, user["name"])
+    return out
+
+
 def test_grading_without_root_contains_the_bombs_and_grades_as_root_does(user: dict, checkout: Path) -> None:
     if not user["subordinate_ids"]:
         pytest.skip("graded once, by the user with a subordinate uid range")
-    out = checkout / f"out-{user['name']}"
-    out.mkdir()
-    shutil.chown(out, user["name"])
-    environment = ["runuser", "-u", user["name"], "--", "env", "-i", f"HOME={user['home']}",
-                   f"PYTHONPATH={checkout}", "PATH=/usr/bin:/bin", "LANG=C.UTF-8"]
-    rootless = grade([*environment, *CLI], checkout, out)
+    rootless = grade(as_user(user, checkout), checkout, output_folder(user, checkout, "out"))
     as_root = grade(["env", f"PYTHONPATH={checkout}", *CLI], checkout, checkout / "out-root")
     for name in BOMBS:
         result = rootless[name]
@@ -177,3 +193,48 @@ def test_grading_without_root_contains_the_bombs_and_grades_as_root_does(user: d
     # The memory bomb's cell ends (RLIMIT_AS, or the cell's time limit) and scores nothing; the rest grades.
     memory_bomb = {q["id"]: q["score"] for q in rootless["hostile_memory_bomb"]["questions"]}
     assert memory_bomb["q3_2"] == 0 and memory_bomb["q3_1"] > 0
+
+
+@pytest.fixture
+def delegated_cgroups(user: dict) -> dict[str, Path]:
+    """A memory and a pids cgroup v1 under this process's own, delegated to the user as an administrator
+    does (the directories and their files chowned to it); removed afterwards, with anything left in them."""
+    from gradelab.sandbox import cgroups
+
+    if not user["subordinate_ids"]:
+        pytest.skip("graded once, by the user with a subordinate uid range")
+    made: dict[str, Path] = {}
+    try:
+        for controller in ("memory", "pids"):
+            # Only on cgroup v1: on v2, asking for our own cgroup could take over the test's cgroup.
+            mounted = Path(f"/sys/fs/cgroup/{controller}/tasks").exists()
+            parent, reason = cgroups._own_cgroup_dir(controller) if mounted else (None, "not mounted at /sys/fs/cgroup")
+            if parent is None or cgroups.is_v2(parent):
+                pytest.skip(f"no cgroup v1 {controller} hierarchy here: {reason or 'cgroup v2'}")
+            made[controller] = parent / f"gradelab-delegated-{os.getpid()}"
+            made[controller].mkdir()
+            for path in [made[controller], *made[controller].iterdir()]:
+                shutil.chown(path, user["name"])
+        yield made
+    finally:
+        for directory in made.values():
+            for child in [d for d in directory.iterdir() if d.is_dir()]:
+                cgroups.remove(child)
+            cgroups.remove(directory)
+
+
+def test_a_cgroup_delegated_to_the_user_bounds_the_bombs_without_root(user: dict, checkout: Path,
+                                                                      delegated_cgroups: dict[str, Path]) -> None:
+    """Started in cgroup v1 subtrees the user owns, the rootless grader gives each sandbox memory and
+    pids cgroups of its own there: the memory bomb is killed by its memory cgroup (an OOM kill it
+    counts), not stopped by RLIMIT_AS, and no sandbox cgroup outlives the grading."""
+    graded = grade(as_user(user, checkout), checkout, output_folder(user, checkout, "out-delegated"),
+                   cgroups=list(delegated_cgroups.values()))
+    for name in BOMBS:
+        assert graded[name]["status"] == "graded", graded[name]["messages"]
+        assert all(state == "available" for state in graded[name]["sandbox_layers"].values()), graded[name]
+    assert any("out of memory, limit" in m for m in graded["hostile_memory_bomb"]["messages"]), \
+        graded["hostile_memory_bomb"]["messages"]
+    memory_bomb = {q["id"]: q["score"] for q in graded["hostile_memory_bomb"]["questions"]}
+    assert memory_bomb["q3_2"] == 0 and memory_bomb["q3_1"] > 0
+    assert [d.name for directory in delegated_cgroups.values() for d in directory.iterdir() if d.is_dir()] == []

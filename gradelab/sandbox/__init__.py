@@ -3,8 +3,9 @@
 Which process runs each module:
 
 - launch: the grading worker (the parent side). It leases a host-wide slot (slots: the sandbox's
-  uid, locked against other gradelab processes), creates the cgroups (cgroups), forks the
-  sandbox, reads its layer report, waits for, kills and cleans up after it.
+  uid, locked against other gradelab processes), creates the cgroups (cgroups; delegation first
+  takes over a delegated cgroup v2 subtree), forks the sandbox, reads its layer report, waits for,
+  kills and cleans up after it.
 - layers, confinement: the forked children. The intermediate process C joins the cgroups and
   unshares the namespaces (a user namespace first, without root); the sandbox process S (pid 1 of
   its pid namespace) mounts its private views, sets rlimits, drops to its uid and enters Landlock

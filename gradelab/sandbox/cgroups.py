@@ -20,6 +20,9 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Collection, ContextManager
 
+from gradelab.sandbox import delegation
+from gradelab.sandbox.delegation import write_file
+
 if TYPE_CHECKING:
     from gradelab.sandbox.launch import SandboxLimits
 
@@ -40,8 +43,9 @@ def probe(controller: str) -> str:
 
 @functools.cache
 def _own_cgroup_dir(controller: str) -> tuple[Path | None, str]:
-    """The directory of this process's own cgroup for `controller` (v1 mount, else a v2 mount that
-    delegates the controller to children), or (None, reason)."""
+    """The directory the sandboxes' cgroups for `controller` go in: this process's own cgroup on a v1
+    mount, else on v2 its cgroup once that enables the controller for its children (taking over a
+    cgroup delegated to us: gradelab.sandbox.delegation), or (None, reason)."""
     memberships = {}
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
@@ -61,13 +65,7 @@ def _own_cgroup_dir(controller: str) -> tuple[Path | None, str]:
             directory, reason = _mounted_path(mount_point, mount_root, memberships[""])
             if directory is None:
                 return None, reason
-            try:
-                delegated = controller in (directory / "cgroup.subtree_control").read_text().split()
-            except OSError as exc:
-                return None, str(exc)
-            if delegated:
-                return directory, ""
-            return None, f"cgroup v2: {controller} is not enabled in {directory}/cgroup.subtree_control"
+            return delegation.sandbox_parent(directory, memberships[""], controller)
     return None, f"no cgroup hierarchy with the {controller} controller"
 
 
@@ -81,11 +79,6 @@ def _mounted_path(mount_point: str, mount_root: str, cgroup_path: str) -> tuple[
 
 def is_v2(directory: Path) -> bool:
     return (directory / "cgroup.controllers").exists()
-
-
-def write_file(path: Path, value: str) -> None:
-    with open(path, "w") as file:
-        file.write(value)
 
 
 def _parents(offered: Collection[str]) -> dict[str, Path]:
