@@ -145,6 +145,30 @@ def test_layers_without_bias_train_without_one(activation):
     assert trained[:, 0].tolist() == [0.0, 0.0] and bool((trained[:, 1:] != 0).all())
 
 
+@pytest.mark.parametrize("layers", [
+    lambda: [nn.Tanh(), nn.Linear(2, 6, bias=False), nn.Tanh(), nn.Identity(), nn.Linear(6, 6), nn.Linear(6, 1), nn.Sigmoid()],
+    lambda: [nn.Linear(2, 5), nn.LeakyReLU(0.3), nn.Sigmoid(), nn.Linear(5, 1)],
+    lambda: [nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)],
+], ids=["activation-first-linear-after-linear-trailing-sigmoid", "two-activations-in-a-row", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_any_order_of_layers_trains_as_xor_problem_would(layers, dtype):
+    """The numpy trainer's stages (activations before the first Linear, several or none between two
+    Linear layers, one after the last) follow torch's own SGD on the same models."""
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(nn.Sequential(*layers()).to(dtype))
+    logits = train_logits_batched(models, XOR_X, XOR_Y, steps=300, lr=0.1)
+    assert logits.dtype == dtype
+    for k, model in enumerate(models):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(300):
+            nn.functional.binary_cross_entropy_with_logits(model(XOR_X.to(dtype)).squeeze(), XOR_Y.to(dtype)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert torch.allclose(logits[k], model(XOR_X.to(dtype)).squeeze().detach(), atol=1e-5)
+
+
 @pytest.mark.parametrize("model, message", [
     (nn.Sequential(nn.Linear(2, 512), nn.Tanh(), nn.Linear(512, 1)), "has 512 units in its widest layer"),
     (nn.Sequential(nn.Linear(2, 200), nn.Tanh(), nn.Linear(200, 200), nn.Tanh(), nn.Linear(200, 1)),
