@@ -123,35 +123,20 @@ def _overhead_rounds(grader, clock: MessageClock, rounds: int) -> dict:
                        "student code": _median([r.execution_time for r in results]),
                        "figures": _median([r.figure_time for r in results]),
                        "hidden tests": _median([r.test_time for r in results]),
-                       "overhead": _median(overheads), "overhead min": min(overheads),
-                       "hidden tests, new models": _median(_tests_on_new_models(grader, path, rounds))}
+                       "overhead": _median(overheads), "overhead min": min(overheads)}
     print("\nEngine overhead per submission (one warm worker; medians of", rounds, "runs; seconds)")
     print(f"{'submission':20} {'total':>7} {'student code':>13} {'(figures)':>10} {'hidden tests':>13} "
-          f"{'(new models)':>13} {'overhead':>9} {'min':>7}  target")
+          f"{'overhead':>9} {'min':>7}  target")
     for label, row in rows.items():
         print(f"{label:20} {row['total']:7.3f} {row['student code']:13.3f} {row['figures']:10.3f} "
-              f"{row['hidden tests']:13.3f} {row['hidden tests, new models']:13.3f} {row['overhead']:9.3f} "
-              f"{row['overhead min']:7.3f}  < 0.150")
+              f"{row['hidden tests']:13.3f} {row['overhead']:9.3f} {row['overhead min']:7.3f}  < 0.150")
     print("student code includes (figures): rendering the notebook's figures at the end of their cells, "
           "which Jupyter's inline backend also does inside the cell")
-    print("hidden tests: the worker has graded these models before (its reference renders are kept); "
-          "(new models): a worker that has not, which draws them")
     print("\nWhere the overhead goes (medians, ms)")
     print(f"{'submission':20} " + " ".join(f"{name:>20}" for name in PHASES))
     for label, row in phases.items():
         print(f"{label:20} " + " ".join(f"{1000 * row[name]:20.1f}" for name in PHASES))
     return rows
-
-
-def _tests_on_new_models(grader, path: Path, rounds: int) -> list[float]:
-    """The hidden tests' time on a worker that has drawn none of this notebook's reference
-    renders (gradelab.hidden.renders): its test-runner zygote is started afresh each time."""
-    times = []
-    for _ in range(rounds):
-        grader.runners.close()
-        grader.runners.pending_renders.clear()
-        times.append(grader.grade(path, "new models").test_time)
-    return times
 
 
 # ------------------------------------------------------------------ memory sampling

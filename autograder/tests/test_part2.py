@@ -6,8 +6,7 @@ from test_part1 import check_architecture
 
 from gradelab.boundary.figures import CAPTURE_DPI, render_png
 from gradelab.hidden import plotcheck
-from gradelab.hidden import Normal, activations_between, assert_distribution, describe_standard
-from gradelab.hidden.renders import content_key
+from gradelab.hidden import Normal, activations_between, assert_distribution
 
 # question, notebook variables of the model and the figure, the cell that draws it, its activation
 PLOTS = [
@@ -26,24 +25,22 @@ def _student_plot(student, find_figure, probe, model_name, fig_name, cell):
     return model, described, fig
 
 
-def _reference_png(model, render_cache) -> bytes:
-    """The helper's figure of the student's own model: what the plot should look like. Drawn once
-    per worker for equal models (most of a class's are: the notebook seeds torch before building them)."""
-    layers, state = describe_standard(model)
+_REFERENCE_PNGS: dict[str, bytes] = {}  # per figure name; the runner process grades one submission
 
-    def draw() -> bytes:
+
+def _reference_png(fig_name: str, model) -> bytes:
+    """The helper's figure of the student's own model: what the plot should look like."""
+    if fig_name not in _REFERENCE_PNGS:
         import matplotlib.pyplot as plt
         from vanishing_helpers import plot_grad
 
         figure = plot_grad(model)
-        png = render_png(figure, CAPTURE_DPI)
+        _REFERENCE_PNGS[fig_name] = render_png(figure, CAPTURE_DPI)
         plt.close(figure)
-        return png
-
-    return render_cache.get_or_make(content_key("plot_grad", CAPTURE_DPI, layers, state), draw)
+    return _REFERENCE_PNGS[fig_name]
 
 
-def _check(question, model_name, fig_name, cell, activation, student, find_figure, probe, attach, render_cache):
+def _check(question, model_name, fig_name, cell, activation, student, find_figure, probe, attach):
     """The plot shows the gradients of the student's own model: judged by content, with no
     randomness (the gradients are recomputed here on the same data), so a correct plot always passes."""
     model, described, fig = _student_plot(student, find_figure, probe, model_name, fig_name, cell)
@@ -54,46 +51,46 @@ def _check(question, model_name, fig_name, cell, activation, student, find_figur
         grads = expected_gradients(model)
     except ValueError as exc:
         raise AssertionError(f"{model_name} cannot be plotted: {exc}") from None
-    attach(f"{question}_{fig_name}_reference.png", _reference_png(model, render_cache))
+    attach(f"{question}_{fig_name}_reference.png", _reference_png(fig_name, model))
     attach(f"{question}_{fig_name}_student.png", fig.png)
     verdict = plotcheck.check_gradient_plot(fig, expected_violins=4, expected_grads=grads)
     assert verdict.ok, f"{fig_name}: " + "; ".join(verdict.problems)
 
 
 @pytest.mark.question("q2_2", weight=3)
-def test_sigmoid_gradient_plot(student, find_figure, probe, attach, render_cache):
+def test_sigmoid_gradient_plot(student, find_figure, probe, attach):
     """the sigmoid model's gradient plot shows its gradients"""
-    _check(*PLOTS[0], student, find_figure, probe, attach, render_cache)
+    _check(*PLOTS[0], student, find_figure, probe, attach)
 
 
 @pytest.mark.question("q2_4", weight=3)
-def test_tanh_gradient_plot(student, find_figure, probe, attach, render_cache):
+def test_tanh_gradient_plot(student, find_figure, probe, attach):
     """the tanh model's gradient plot shows its gradients"""
-    _check(*PLOTS[1], student, find_figure, probe, attach, render_cache)
+    _check(*PLOTS[1], student, find_figure, probe, attach)
 
 
 @pytest.mark.question("q2_6", weight=3)
-def test_relu_gradient_plot(student, find_figure, probe, attach, render_cache):
+def test_relu_gradient_plot(student, find_figure, probe, attach):
     """the ReLU model's gradient plot shows its gradients"""
-    _check(*PLOTS[2], student, find_figure, probe, attach, render_cache)
+    _check(*PLOTS[2], student, find_figure, probe, attach)
 
 
 @pytest.mark.question("q2_8", weight=1)
 @pytest.mark.parametrize("entry", PLOTS[3:], ids=lambda e: e[2])
-def test_glorot_gradient_plots(student, find_figure, probe, attach, render_cache, entry):
+def test_glorot_gradient_plots(student, find_figure, probe, attach, entry):
     """the Glorot models' gradient plots show their gradients"""
-    _check(*entry, student, find_figure, probe, attach, render_cache)
+    _check(*entry, student, find_figure, probe, attach)
 
 
 @pytest.mark.parametrize("entry", [pytest.param(e, id=e[2], marks=pytest.mark.question(e[0])) for e in PLOTS])
-def test_plot_matches_reference_image(student, find_figure, probe, grading_config, render_cache, entry):
+def test_plot_matches_reference_image(student, find_figure, probe, grading_config, entry):
     """the figure looks like the reference figure drawn from your own model"""
     _question, model_name, fig_name, cell, _activation = entry
     model, _, fig = _student_plot(student, find_figure, probe, model_name, fig_name, cell)
     assert fig is not None, f"{fig_name}: no figure was produced"
     if fig.helper != "plot_grad":
         return  # drawn another way: judged by its content alone (the tests above)
-    comparison = plotcheck.compare_images(fig.png, _reference_png(model, render_cache), grading_config.plots.image_tolerance)
+    comparison = plotcheck.compare_images(fig.png, _reference_png(fig_name, model), grading_config.plots.image_tolerance)
     assert comparison.passed, f"{fig_name}: {comparison.message}"
 
 

@@ -31,8 +31,6 @@ MAX_FIGURES = 100  # per submission: the course's notebook draws about ten
 MAX_FIGURE_BYTES = 64 << 20  # PNG bytes of all of a submission's figures together
 MAX_ARTIFACTS = 100  # figures the hidden tests attach to one submission
 MAX_SEEDS = 1000  # draws per module_draws or redraw request
-MAX_RENDERS = 64  # reference renders a worker keeps for later submissions (gradelab.hidden.renders)
-MAX_RENDER_BYTES = 1 << 20  # one render's PNG: plot_grad's at 80 dpi is about 15 kB
 MAX_NAME_CHARS = 200
 MAX_MESSAGE_CHARS = 4000
 MAX_TRACEBACK_CHARS = 8000
@@ -45,8 +43,6 @@ Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 Text = Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
 Names = Annotated[list[Name], Field(max_length=1000)]
 Seeds = Annotated[list[Seed], Field(max_length=MAX_SEEDS)]
-RenderKey = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # a sha256 of everything the render depends on
-Renders = Annotated[dict[RenderKey, Annotated[bytes, Field(max_length=MAX_RENDER_BYTES)]], Field(max_length=MAX_RENDERS)]
 
 
 class MalformedMessage(ValueError):
@@ -285,7 +281,6 @@ class RunnerJob(Record):
     call_timeout: Seconds
     sandbox_lost: Text | None = None
     memory_mb: Count = 0  # address space the runner may add to what it holds when forked (0: no limit)
-    renders: Renders = {}  # made by earlier runners since the zygote's last job: the zygote keeps them
 
 
 class JobReply(Record):
@@ -339,7 +334,6 @@ class Done(Record):
     call_timeouts: Count
     artifacts: Annotated[dict[ArtifactName, Annotated[bytes, Field(max_length=MAX_PNG_BYTES)]],
                          Field(max_length=MAX_ARTIFACTS)] = {}
-    renders: Renders = {}  # reference renders this runner made, for the submissions after it
     malformed: Text | None = None  # the first sandbox reply that was not one gradelab's code sends
 
 

@@ -106,7 +106,6 @@ def run_tests(runners: "TestRunners", job: RunnerJob, rpc: socket.socket | None,
             elif isinstance(event, DeathRequest):  # the sandbox stopped answering: say how it ended
                 messages.send(control_parent, DeathReply(why=death_cause()[:200]))
             elif isinstance(event, Done):
-                runners.hand_on(event.renders)
                 return SessionEnd(outcomes=_merge(collected, verdicts), done=event)
             elif isinstance(event, Failed):
                 raise RuntimeError(event.message or "the hidden tests could not run")
@@ -128,19 +127,11 @@ class TestRunners:
         self.close_fds_except = close_fds_except
         self.jobs: socket.socket | None = None
         self.pid = 0
-        self.pending_renders: dict[str, bytes] = {}  # made by runners since the last job, for the zygote
-
-    def hand_on(self, renders: dict[str, bytes]) -> None:
-        """Keep a runner's new reference renders for the zygote (gradelab.hidden.renders)."""
-        self.pending_renders.update(renders)
-        for key in list(self.pending_renders)[:-messages.MAX_RENDERS]:
-            del self.pending_renders[key]
 
     def start(self, job: RunnerJob, rpc: socket.socket, control: socket.socket) -> int:
         """Fork a test runner for one submission; return a pidfd of it."""
         if self.jobs is None:
             self._spawn()
-        job, self.pending_renders = job.model_copy(update={"renders": self.pending_renders}), {}
         try:
             messages.send(self.jobs, job)
             socket.send_fds(self.jobs, [b"j"], [rpc.fileno(), control.fileno()])

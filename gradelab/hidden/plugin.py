@@ -15,7 +15,6 @@ from gradelab.boundary.figures import PNG_SIGNATURE, FigureData
 from gradelab.boundary.messages import ARTIFACT_PATTERN, MAX_ARTIFACTS, CellReport, Collected, CollectedTest, Outcome, Record
 from gradelab.boundary.records import TestOutcome, TestStatus
 from gradelab.hidden.proxy import SandboxLink, StudentProblem, StudentProxy
-from gradelab.hidden.renders import RenderCache
 
 ARTIFACT_NAME = re.compile(ARTIFACT_PATTERN)
 
@@ -64,7 +63,6 @@ class GradingPlugin:
     ctx: GradingContext
     report: Report | None = None  # set in each runner; the zygote collects without one
     artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG, for feedback pages
-    renders: RenderCache = field(default_factory=RenderCache)  # the zygote's, inherited by each runner
     _items: dict[str, _Collected] = field(default_factory=dict)
     _proxy: StudentProxy | None = None
     _running: str = ""  # node id of the running test
@@ -119,12 +117,6 @@ class GradingPlugin:
                     and len(self.artifacts) < MAX_ARTIFACTS):
                 self.artifacts[name] = png
         return add
-
-    @pytest.fixture
-    def render_cache(self) -> RenderCache:
-        """render_cache.get_or_make(content_key(...), draw): a reference render drawn once per worker
-        for equal inputs (gradelab.hidden.renders)."""
-        return self.renders
 
     # -- hooks
 

@@ -70,7 +70,6 @@ class _RunnerZygote:
                     os.close(fd)
                 messages.send(self.jobs, JobReply(ok=False, message=message))
                 continue
-            self.plugin.renders.add(message.renders)  # every later runner is forked with them
             go_read, go_write = os.pipe()
             pid = os.fork()
             if pid == 0:
@@ -112,7 +111,7 @@ class _RunnerZygote:
             self.plugin.announce()
             run_collected_tests(session)
             report(Done(op="done", student_seconds=link.student_seconds, call_timeouts=link.call_timeouts,
-                        artifacts=self.plugin.artifacts, renders=self.plugin.renders.made, malformed=link.malformed))
+                        artifacts=self.plugin.artifacts, malformed=link.malformed))
             return 0
         except BaseException as exc:  # noqa: BLE001 - the supervisor must hear of any failure
             report(Failed(op="failed", message=f"{type(exc).__name__}: {exc}"[:2000]))
