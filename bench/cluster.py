@@ -1,6 +1,7 @@
 """`./run bench cluster`: the same batch graded by the local pool and by a loopback Dask cluster
 with as many worker processes, side by side; the cluster's overhead per submission (target under
-5%): its wall time not spent grading, beside the plain difference with the pool; and the throughput to expect from more machines, from the measured per-worker figures.
+5%): its wall time not spent grading, beside the plain difference with the pool; and the
+throughput to expect from more machines, from the measured per-worker figures.
 
 The cluster is started, and its workers have passed their canary, before the clock starts: a
 cluster serves many batches, so its start-up is a one-off (printed apart). The local pool's start-up

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+
 # Activations the analytic training pass knows, in numpy, writing into preallocated arrays:
 # forward(z, out, module) and the derivative derivative(z, h, out, module) from the input z and
 # output h (None: the derivative is 1, nothing to multiply).
@@ -129,17 +130,14 @@ def _train_numpy(models, layers, inputs, targets, *, steps: int, lr: float) -> t
         _NUMPY_ACTIVATIONS[type(module)][0](h, h_next, module)
         h = h_next
     fed_values[0][...] = h
-    # Per stage: the Linear output z, then each activation's output (the last one in the next
-    # layer's input, or the network's output), and a scratch array per activation for derivatives.
+    # Per stage: the Linear output z, then each activation's output; the stage's last array is the
+    # next layer's input (z itself for a Linear right after a Linear), or the network's output.
+    # A scratch array per activation takes its derivative.
     outs = []
     for k, chain in enumerate(after):
-        shape = (count, batch, w[k].shape[2])
-        stage = [np.empty(shape, dtype)] + [np.empty(shape, dtype) for _ in chain]
+        stage = [np.empty((count, batch, w[k].shape[2]), dtype) for _ in range(len(chain) + 1)]
         if k + 1 < len(w):
-            if chain:
-                stage[-1] = fed_values[k + 1]
-            else:  # Linear after Linear: z is copied into the next one's input
-                stage.append(fed_values[k + 1])
+            stage[-1] = fed_values[k + 1]
         outs.append(stage)
     scratch = [[np.empty((count, batch, w[k].shape[2]), dtype) for _ in chain] for k, chain in enumerate(after)]
     deltas = [np.empty((count, batch, wk.shape[2]), dtype) for wk in w]
@@ -153,8 +151,6 @@ def _train_numpy(models, layers, inputs, targets, *, steps: int, lr: float) -> t
         for k, chain in enumerate(after):
             stage = outs[k]
             np.matmul(fed[k], w[k], out=stage[0])
-            if not chain and k + 1 < len(w):
-                np.copyto(stage[1], stage[0])
             for i, module in enumerate(chain):
                 _NUMPY_ACTIVATIONS[type(module)][0](stage[i], stage[i + 1], module)
 
