@@ -156,6 +156,24 @@ def test_require_succeeds_with_every_layer_active() -> None:
         ours.close()
 
 
+
+@pytest.mark.skipif(any(v != "available" for v in LAYERS.values()), reason=f"not every layer available: {LAYERS}")
+def test_every_layer_applies_with_code_in_a_folder_only_root_enters(monkeypatch) -> None:
+    """A read tree under a folder the sandbox uid may not enter (a checkout in root's 0700 home, or in
+    `mktemp -d`) is opened for Landlock before the uid is dropped: the layer still applies."""
+    private = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="gradelab-private-"))  # mode 0700, outside /tmp
+    try:
+        (private / "lib").mkdir()
+        monkeypatch.syspath_prepend(str(private / "lib"))
+        sandbox = Sandbox.spawn(lambda: 0, limits=SandboxLimits(), slot=SLOT, require=True)
+        try:
+            assert sandbox.layers == {key: "available" for key in LAYERS}
+            assert sandbox.wait(30) == 0
+        finally:
+            sandbox.cleanup()
+    finally:
+        shutil.rmtree(private)
+
 def test_benign_work_dataloader_and_threads() -> None:
     def attack() -> dict:
         torch.set_num_threads(2)

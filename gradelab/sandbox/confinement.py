@@ -115,11 +115,14 @@ def landlock_rules(plan: Plan) -> list[tuple[str, int]]:
             for path, access in rules if os.path.exists(path)]
 
 
-def apply_landlock(rules: list[tuple[str, int]]) -> None:
+def landlock_ruleset(plan: Plan) -> landlock.Ruleset:
+    """The ruleset of `landlock_rules`, built now and applied (`.apply()`) once privileges are
+    dropped: each allowed path is opened while the process may still reach it, since the sandbox
+    uid may not traverse to every one (a checkout in a folder only its owner may enter)."""
     ruleset = landlock.Ruleset()
-    for path, access in rules:
+    for path, access in landlock_rules(plan):
         ruleset.allow(path, rules=access)
-    ruleset.apply()
+    return ruleset
 
 
 def apply_seccomp() -> None:

@@ -125,10 +125,10 @@ def _grandchild_main(target: Callable[[], int], plan: Plan, status: dict[str, st
             # RLIMIT_NPROC counts the processes of a uid (in a user namespace: of that namespace's uid),
             # so it bounds the sandbox only with a uid of its own or a user namespace.
             status["rlimits"] = _guarded(lambda: _set_rlimits(plan, processes=plan.root or in_user_namespace))
-        rules: list[tuple[str, int]] = []
+        ruleset = None
         if "landlock" not in status:
             try:  # while still root: the sandbox uid may not traverse to every allowed path
-                rules = confinement.landlock_rules(plan)
+                ruleset = confinement.landlock_ruleset(plan)
             except Exception as exc:
                 status["landlock"] = f"failed: {exc}"
         if "uid" not in status:
@@ -140,7 +140,7 @@ def _grandchild_main(target: Callable[[], int], plan: Plan, status: dict[str, st
         if "no_new_privs" not in status:
             status["no_new_privs"] = _guarded(confinement.set_no_new_privs)
         if "landlock" not in status:
-            status["landlock"] = _guarded(lambda: confinement.apply_landlock(rules))
+            status["landlock"] = _guarded(ruleset.apply)
         if "seccomp" not in status:
             status["seccomp"] = _guarded(confinement.apply_seccomp)
         missing = [f"{key}: {status[key]}" for key in LAYERS if status[key] != "available"]
